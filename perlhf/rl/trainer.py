@@ -1,0 +1,477 @@
+"""PERL's RL loop: a policy LoRA adapter trained against a LoRA reward model, all roles on ONE backbone.
+
+Each iteration: sample responses (policy role) -> score them (reward role) -> log-probs under the anchor
+(reference role: adapters off, or a frozen copy of the starting adapter) -> the algorithm's update
+(`update_reinforce`, `update_rloo` or `update_ppo`, each readable on its own) -> log, checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from perlhf import config as cfg
+from perlhf.backbone import Backbone, last_token_scores, lora_config, new_head
+from perlhf.config import check, field
+from perlhf.models import DEFAULT_MODEL
+from perlhf.rl import objectives as obj
+from perlhf.rl.rollout import (Rollout, encode_prompts, generate, prompt_and_response_lists, response_logprobs,
+                               response_values)
+
+ALGORITHMS = ("reinforce", "rloo", "ppo")
+
+
+@dataclass
+class RLConfig:
+    model: str = field(DEFAULT_MODEL, "backbone: Hugging Face model id or local directory")
+    reward_model: str = field("", "reward model directory from `perlhf rm train`")
+    prompts: str = field("", "prompts: .txt (one per line), JSONL/JSON/Parquet/CSV with a prompt column, or a dataset id")
+    prompt_column: str | None = field(None, "column holding the prompt, if not `prompt`")
+    limit: int | None = field(None, "use at most this many prompts")
+    algorithm: str = field("reinforce", "reinforce (the paper's, with a value baseline), rloo, or ppo")
+    policy_adapter: str | None = field(None, "start the policy from this LoRA adapter; the anchor is then a frozen copy of it")
+    output_dir: str = field("runs/rl", "run directory: adapters, checkpoints, logs, report")
+    overwrite_output_dir: bool = field(False, "start over instead of resuming from the last checkpoint")
+    max_steps: int = field(50, "RL iterations (one rollout batch and its update each)")
+    batch_size: int = field(8, "prompts per iteration per device")
+    samples_per_prompt: int = field(1, "responses per prompt (k); rloo needs k >= 2 (default 2 for rloo)")
+    mini_batch_size: int | None = field(None, "sequences per optimizer step; default: the whole rollout batch")
+    update_epochs: int = field(1, "passes over each rollout batch (PPO often uses 2-4)")
+    learning_rate: float = field(1e-4, "policy adapter learning rate")
+    value_learning_rate: float = field(1e-4, "value adapter and head learning rate")
+    lr_scheduler_type: str = field("constant", "transformers scheduler name")
+    max_grad_norm: float = field(1.0, "gradient clipping norm")
+    lora_rank: int = field(8, "policy and value LoRA rank")
+    lora_alpha: float = field(16.0, "LoRA alpha")
+    lora_target: str = field("attention", "attention, all-linear, or comma-separated module names")
+    kl_coef: float = field(0.05, "KL penalty coefficient (the paper's 0.05)")
+    kl_estimator: str = field("k1", "k1 or k3")
+    target_kl: float | None = field(None, "adapt the KL coefficient towards this summed KL per response")
+    kl_horizon: int = field(10000, "adaptive KL controller horizon, in samples")
+    max_prompt_length: int = field(256, "prompt tokens kept (cut from the left)")
+    max_new_tokens: int = field(48, "maximum tokens per response")
+    temperature: float = field(1.0, "sampling temperature")
+    top_p: float = field(1.0, "nucleus sampling")
+    missing_eos_penalty: float = field(0.0, "subtracted from the reward of responses that never end")
+    whiten_advantages: bool = field(True, "normalise advantages over the batch")
+    clip_range: float = field(0.2, "PPO policy clip")
+    value_clip_range: float = field(0.2, "PPO value clip")
+    value_coef: float = field(0.5, "weight of the value loss")
+    gamma: float = field(1.0, "PPO discount")
+    lam: float = field(0.95, "PPO GAE lambda")
+    save_steps: int = field(10, "checkpoint every N iterations")
+    save_total_limit: int = field(2, "checkpoints kept")
+    seed: int = field(42, "random seed")
+    device: str | None = field(None, "cpu, cuda, ...; default: cuda if available")
+    dtype: str | None = field(None, "default: bf16 on CUDA, fp32 on CPU")
+    trust_remote_code: bool = field(False, "allow model code from the model repository")
+    allow_pickle: bool = field(False, "allow pickle-based weight files")
+
+    def validate(self) -> None:
+        check(bool(self.reward_model), "reward_model", "is required")
+        check(bool(self.prompts), "prompts", "is required")
+        check(self.algorithm in ALGORITHMS, "algorithm", f"must be one of {', '.join(ALGORITHMS)} (got {self.algorithm!r})")
+        if self.algorithm == "rloo" and self.samples_per_prompt == 1:
+            self.samples_per_prompt = 2
+        check(self.algorithm != "rloo" or self.samples_per_prompt >= 2, "samples_per_prompt",
+              f"rloo needs k >= 2 samples per prompt (got {self.samples_per_prompt})")
+        check(self.samples_per_prompt >= 1, "samples_per_prompt", "must be >= 1")
+        check(self.max_steps >= 1, "max_steps", f"must be >= 1 (got {self.max_steps})")
+        check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        rollout = self.batch_size * self.samples_per_prompt
+        check(self.mini_batch_size is None or 1 <= self.mini_batch_size <= rollout, "mini_batch_size",
+              f"must be between 1 and the rollout batch {rollout}")
+        check(self.update_epochs >= 1, "update_epochs", "must be >= 1")
+        check(self.learning_rate > 0, "learning_rate", f"must be > 0 (got {self.learning_rate})")
+        check(self.value_learning_rate > 0, "value_learning_rate", "must be > 0")
+        check(self.lora_rank >= 1, "lora_rank", f"must be >= 1 (got {self.lora_rank})")
+        check(self.kl_coef >= 0, "kl_coef", "must be >= 0")
+        check(self.kl_estimator in ("k1", "k3"), "kl_estimator", "must be k1 or k3")
+        check(self.target_kl is None or self.target_kl > 0, "target_kl", "must be > 0")
+        check(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
+        check(self.max_prompt_length >= 1, "max_prompt_length", "must be >= 1")
+        check(self.temperature > 0, "temperature", "must be > 0")
+        check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        check(self.save_steps >= 1 and self.save_total_limit >= 1, "save_steps", "--save-steps and --save-total-limit must be >= 1")
+
+    @property
+    def uses_value(self) -> bool:
+        return self.algorithm in ("reinforce", "ppo")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The roles on one backbone
+
+
+class Roles:
+    """Policy, reference, reward and value over one backbone. `reference` is None (adapters off) unless the
+    policy started from an adapter, in which case it is a frozen copy of that adapter."""
+
+    def __init__(self, config: RLConfig, loaded, verbose: bool = True):
+        from perlhf.reward import load_reward_model
+        from perlhf.backbone import read_lora_config
+
+        self.config, self.tokenizer = config, loaded.tokenizer
+        self.backbone = Backbone(loaded.model)
+        base = loaded.model
+        if config.policy_adapter:
+            self.backbone.load_adapter("policy", config.policy_adapter, trainable=True)
+            self.backbone.copy_adapter("policy", "reference", trainable=False)
+            self.reference: str | None = "reference"
+        else:
+            self.backbone.add_adapter("policy", lora_config(base, config.lora_rank, config.lora_alpha, 0.0,
+                                                            config.lora_target), trainable=True)
+            self.reference = None
+
+        reward_info = json.loads((Path(config.reward_model) / "adapter_config.json").read_text(encoding="utf-8")) \
+            if (Path(config.reward_model) / "adapter_config.json").exists() else {}
+        self.shared_reward = bool(reward_info) and _same_model(reward_info.get("base_model_name_or_path"), config.model)
+        self.separate_reward = None
+        if self.shared_reward:
+            self.backbone.load_adapter("reward", config.reward_model, trainable=False)
+        else:
+            before = _parameter_bytes(base)
+            self.separate_reward = load_reward_model(config.reward_model, device=str(next(base.parameters()).device),
+                                                     dtype=config.dtype, verbose=verbose)
+            if verbose:
+                print(f"perlhf: the reward model was trained on another base "
+                      f"({self.separate_reward.base_model or config.reward_model}); it is loaded as a separate model, "
+                      f"costing {_parameter_bytes(self.separate_reward) / 2**20:.0f} MiB of weights beside the "
+                      f"{before / 2**20:.0f} MiB shared backbone")
+
+        if config.uses_value:
+            if self.shared_reward:  # the value adapter and head start as a trainable copy of the reward model's
+                self.backbone.copy_adapter("reward", "value", trainable=True)
+            else:
+                self.backbone.add_adapter("value", lora_config(base, config.lora_rank, config.lora_alpha, 0.0,
+                                                               config.lora_target), trainable=True)
+                self.backbone.heads["value"] = new_head(base)
+                self.backbone.set_trainable("value", True)
+
+    def scores(self, rollout: Rollout, prompts: list) -> torch.Tensor:
+        """Reward-model scores of each (prompt, response) in the same layout the reward model was trained on."""
+        if self.separate_reward is not None:
+            _, responses = prompt_and_response_lists(rollout)
+            texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
+            return torch.tensor(self.separate_reward.score(prompts, texts), device=rollout.prompt_ids.device)
+        from perlhf.reward import pad_right
+
+        prompt_ids, response_ids = prompt_and_response_lists(rollout)
+        ids, mask = pad_right([p + r for p, r in zip(prompt_ids, response_ids)], self.tokenizer.pad_token_id,
+                              rollout.prompt_ids.device)
+        with self.backbone.role("reward"):
+            return self.backbone.scores("reward", ids, mask)
+
+    def policy_logprobs(self, rollout: Rollout, with_entropy: bool = False, train: bool = False):
+        with self.backbone.role("policy", train=train):
+            return response_logprobs(self.backbone.model, rollout, with_entropy)
+
+    def reference_logprobs(self, rollout: Rollout) -> torch.Tensor:
+        with torch.no_grad(), self.backbone.role(self.reference):
+            return response_logprobs(self.backbone.model, rollout)
+
+    def values(self, rollout: Rollout, train: bool = False) -> torch.Tensor:
+        with self.backbone.role("value", train=train):
+            return response_values(self.backbone.model, self.backbone.heads["value"], rollout)
+
+    def trainable(self) -> tuple[list, list]:
+        value = self.backbone.trainable_parameters("value") if self.config.uses_value else []
+        return self.backbone.trainable_parameters("policy"), value
+
+
+def _same_model(a: str | None, b: str) -> bool:
+    if not a:
+        return False
+    return a == b or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())
+
+
+def _parameter_bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The algorithms: each turns one scored rollout batch into optimizer steps
+
+
+@dataclass
+class Batch:
+    rollout: Rollout
+    old_logp: torch.Tensor    # policy log-probs at sampling time [B, T]
+    kl: torch.Tensor          # per-token KL estimate to the reference [B, T]
+    scores: torch.Tensor      # reward-model scores [B]
+    returns: torch.Tensor     # scores - kl_coef * KL - EOS penalty [B]
+    kl_coef: float            # the coefficient in force when this batch was sampled
+
+
+def minibatches(size: int, mini: int, epochs: int, generator: torch.Generator):
+    for _ in range(epochs):
+        order = torch.randperm(size, generator=generator)
+        for start in range(0, size, mini):
+            yield order[start:start + mini]
+
+
+def update_reinforce(roles: Roles, batch: Batch, step, config: RLConfig, generator) -> dict:
+    """The paper's REINFORCE with a learned value baseline: A = R - V(prompt); value regressed on R."""
+    stats = []
+    for index in minibatches(len(batch.returns), config.mini_batch_size or len(batch.returns), config.update_epochs, generator):
+        part = batch.rollout.select(index)
+        with torch.no_grad():
+            baseline = roles.values(part)[:, 0]
+        advantages = obj.baseline_advantages(batch.returns[index], baseline)
+        if config.whiten_advantages and len(index) > 1:
+            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+        policy_loss = obj.policy_gradient_loss(roles.policy_logprobs(part, train=True), advantages, part.response_mask)
+        policy_loss.backward()
+        predicted = roles.values(part, train=True)[:, 0]
+        v_loss = obj.value_loss(predicted, batch.returns[index], torch.ones_like(predicted))
+        (config.value_coef * v_loss).backward()
+        stats.append({"loss/policy": policy_loss.item(), "loss/value": v_loss.item(), **step()})
+    return _mean(stats)
+
+
+def update_rloo(roles: Roles, batch: Batch, step, config: RLConfig, generator) -> dict:
+    """RLOO: k samples per prompt, each compared with the mean of the other k-1; no critic."""
+    advantages = obj.rloo_advantages(batch.returns, config.samples_per_prompt)
+    if config.whiten_advantages:
+        advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+    stats = []
+    for index in minibatches(len(batch.returns), config.mini_batch_size or len(batch.returns), config.update_epochs, generator):
+        part = batch.rollout.select(index)
+        loss = obj.policy_gradient_loss(roles.policy_logprobs(part, train=True), advantages[index], part.response_mask)
+        loss.backward()
+        stats.append({"loss/policy": loss.item(), **step()})
+    return _mean(stats)
+
+
+def update_ppo(roles: Roles, batch: Batch, step, config: RLConfig, generator) -> dict:
+    """PPO: per-token rewards (KL on every token, score at the end), GAE with the value adapter, clipped losses."""
+    mask = batch.rollout.response_mask
+    with torch.no_grad():
+        old_values = roles.values(batch.rollout) * mask
+    rewards = obj.token_rewards(batch.scores, batch.kl, mask, batch.kl_coef)
+    advantages, returns = obj.gae(rewards, old_values, mask, config.gamma, config.lam)
+    if config.whiten_advantages:
+        advantages = obj.masked_whiten(advantages, mask)
+    stats = []
+    for index in minibatches(len(batch.returns), config.mini_batch_size or len(batch.returns), config.update_epochs, generator):
+        part = batch.rollout.select(index)
+        logp = roles.policy_logprobs(part, train=True)
+        policy_loss, clip_fraction = obj.ppo_policy_loss(logp, batch.old_logp[index], advantages[index],
+                                                         part.response_mask, config.clip_range)
+        policy_loss.backward()
+        values = roles.values(part, train=True)
+        v_loss = obj.value_loss(values, returns[index], part.response_mask, old_values[index], config.value_clip_range)
+        (config.value_coef * v_loss).backward()
+        stats.append({"loss/policy": policy_loss.item(), "loss/value": v_loss.item(),
+                      "ppo/clip_fraction": clip_fraction.item(), **step()})
+    return _mean(stats)
+
+
+UPDATES = {"reinforce": update_reinforce, "rloo": update_rloo, "ppo": update_ppo}
+
+
+def _mean(rows: list[dict]) -> dict:
+    return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]} if rows else {}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+def train_policy(config: RLConfig) -> dict:
+    from accelerate import Accelerator
+    from transformers import get_scheduler
+
+    from perlhf.checkpoint import (CheckpointManager, capture_rng_state, load_training_state, restore_rng_state,
+                                   save_training_state)
+    from perlhf.data import load_prompts
+    from perlhf.guards import NonFiniteGuard, StopRequest, prepare_run_dir, writing
+    from perlhf.metrics import MetricsLogger, peak_memory_mb
+    from perlhf.models import load_model
+
+    accelerator = Accelerator(cpu=config.device == "cpu")
+    main, world = accelerator.is_main_process, accelerator.num_processes
+    run_dir = Path(config.output_dir)
+    resuming = prepare_run_dir(run_dir, overwrite=config.overwrite_output_dir) if main else False
+    accelerator.wait_for_everyone()
+    torch.manual_seed(config.seed + accelerator.process_index)
+    random.seed(config.seed)
+
+    with accelerator.main_process_first():
+        loaded = load_model(config.model, device=config.device or str(accelerator.device), dtype=config.dtype,
+                            trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle, verbose=main)
+    tokenizer = loaded.tokenizer
+    prompts, report = load_prompts(config.prompts, column=config.prompt_column,
+                                   rejects_path=run_dir / "rejects-prompts.jsonl" if main else None, limit=config.limit)
+    encoded, cut = encode_prompts(tokenizer, prompts, config.max_prompt_length)
+    if main:
+        print(f"perlhf: prompts: {report.summary()}; {cut} cut to --max-prompt-length {config.max_prompt_length}")
+    roles = Roles(config, loaded, verbose=main)
+    policy_params, value_params = roles.trainable()
+    groups = [{"params": policy_params, "lr": config.learning_rate}]
+    if value_params:
+        groups.append({"params": value_params, "lr": config.value_learning_rate})
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    rollout_size = config.batch_size * config.samples_per_prompt
+    steps_per_iteration = config.update_epochs * -(-rollout_size // (config.mini_batch_size or rollout_size))
+    scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=0,
+                              num_training_steps=config.max_steps * steps_per_iteration)
+    kl_control = obj.AdaptiveKLController(config.kl_coef, config.target_kl, config.kl_horizon) \
+        if config.target_kl else obj.FixedKLController(config.kl_coef)
+    if main:
+        n_policy, n_value = sum(p.numel() for p in policy_params), sum(p.numel() for p in value_params)
+        total = sum(p.numel() for p in roles.backbone.parameters())
+        print(f"perlhf: {config.algorithm} on one backbone: policy adapter {n_policy:,} + value {n_value:,} trainable "
+              f"of {total:,} parameters; reference = {'frozen copy of ' + config.policy_adapter if roles.reference else 'backbone with adapters off'}; "
+              f"reward = {'adapter on the same backbone' if roles.shared_reward else 'separate model'}")
+
+    checkpoints = CheckpointManager(run_dir, keep_last=config.save_total_limit)
+    start = 0
+    latest = checkpoints.latest() if (resuming or not main) else None
+    if latest is not None:
+        roles.backbone.load_adapter_weights("policy", latest.path / "policy")
+        if config.uses_value:
+            roles.backbone.load_adapter_weights("value", latest.path / "value")
+        state = load_training_state(latest.path / "training_state.pt", optimizer=optimizer, scheduler=scheduler)
+        restore_rng_state(state["rng"][accelerator.process_index] if isinstance(state["rng"], list) else state["rng"])
+        kl_control.load_state_dict(latest.meta["kl_controller"])
+        start = latest.step
+        if main:
+            print(f"perlhf: resuming {run_dir} from iteration {start}; pass --overwrite-output-dir to start over")
+
+    def save_checkpoint(iteration: int) -> None:
+        rngs = _gather_rng(accelerator)
+
+        def write(directory: Path) -> None:
+            roles.backbone.save_adapter("policy", directory / "policy")
+            if config.uses_value:
+                roles.backbone.save_adapter("value", directory / "value")
+            save_training_state(directory / "training_state.pt", optimizer=optimizer, scheduler=scheduler, rng=rngs)
+
+        if main:
+            with writing(run_dir):
+                checkpoints.save(iteration, write, {"kl_controller": kl_control.state_dict(),
+                                                    "prompts_seen": iteration * config.batch_size * world})
+        accelerator.wait_for_everyone()
+
+    guard = NonFiniteGuard(max_in_row=3)
+    all_params = policy_params + value_params
+
+    def optimizer_step() -> dict:
+        if world > 1:  # roles share one module, so gradients are averaged by hand instead of through DDP
+            for p in all_params:
+                if p.grad is not None:
+                    p.grad = accelerator.reduce(p.grad, reduction="mean")
+        norm = torch.nn.utils.clip_grad_norm_(all_params, config.max_grad_norm)
+        ok = guard.step_ok(norm, all_params, current["iteration"])
+        if ok:
+            optimizer.step()
+            scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return {"train/grad_norm": float(norm)}
+
+    current = {"iteration": start}
+    generator = torch.Generator().manual_seed(config.seed)
+    logger = MetricsLogger(run_dir, config.max_steps, start, enabled=main, description=config.algorithm)
+    per_epoch = max(1, len(encoded) // (config.batch_size * world))
+    with StopRequest() as stop:
+        for iteration in range(start, config.max_steps):
+            current["iteration"] = iteration + 1
+            generator.manual_seed(config.seed * 7919 + iteration)
+            # -- which prompts: a fixed permutation per epoch, so a resumed run continues where it stopped
+            epoch, position = divmod(iteration, per_epoch)
+            order = list(range(len(encoded)))
+            random.Random(config.seed + epoch).shuffle(order)
+            chunk = order[position * config.batch_size * world:(position + 1) * config.batch_size * world]
+            chunk = chunk[accelerator.process_index::world] or order[:config.batch_size]
+            chosen = [i for i in chunk for _ in range(config.samples_per_prompt)]
+            timings = {}
+
+            tick = time.perf_counter()
+            rollout = generate(roles.backbone, "policy", tokenizer, [encoded[i] for i in chosen],
+                               config.max_new_tokens, config.temperature, config.top_p)
+            timings["time/generate"] = time.perf_counter() - tick
+
+            tick = time.perf_counter()
+            with torch.no_grad():
+                scores = roles.scores(rollout, [prompts[i] for i in chosen])
+            timings["time/score"] = time.perf_counter() - tick
+
+            tick = time.perf_counter()
+            with torch.no_grad():
+                old_logp, entropy = roles.policy_logprobs(rollout, with_entropy=True)
+                ref_logp = roles.reference_logprobs(rollout)
+            timings["time/reference"] = time.perf_counter() - tick
+
+            mask = rollout.response_mask
+            kl = obj.kl_per_token(old_logp, ref_logp, config.kl_estimator) * mask
+            returns = obj.sequence_returns(scores, kl, mask, kl_control.coef, rollout.ended, config.missing_eos_penalty)
+            batch = Batch(rollout, old_logp, kl, scores, returns, kl_control.coef)
+
+            tick = time.perf_counter()
+            update_stats = UPDATES[config.algorithm](roles, batch, optimizer_step, config, generator)
+            timings["time/update"] = time.perf_counter() - tick
+
+            sequence_kl = obj.masked_sum(kl, mask, dim=1)
+            kl_control.update(accelerator.reduce(sequence_kl.mean(), "mean").item(), rollout_size * world)
+            lengths = mask.sum(dim=1)
+            elapsed = sum(timings.values())
+            metrics = {
+                "reward/score": accelerator.reduce(scores.mean(), "mean").item(),
+                "reward/kl": accelerator.reduce(sequence_kl.mean(), "mean").item(),
+                "reward/return": accelerator.reduce(returns.mean(), "mean").item(),
+                "kl/coef": batch.kl_coef,
+                "policy/entropy": obj.masked_mean(entropy, mask).item(),
+                "policy/response_length": lengths.mean().item(),
+                "policy/eos_rate": rollout.ended.float().mean().item(),
+                "perf/tokens_per_second": lengths.sum().item() * world / max(elapsed, 1e-9),
+                "memory/peak_mb": peak_memory_mb(accelerator.device),
+                "train/skipped_steps": guard.skipped,
+                **update_stats, **timings,
+            }
+            logger.log(iteration + 1, metrics, show=("reward/score", "reward/kl", "policy/response_length"))
+            logger.advance()
+            if (iteration + 1) % config.save_steps == 0 or iteration + 1 == config.max_steps:
+                save_checkpoint(iteration + 1)
+            if stop.requested:
+                save_checkpoint(iteration + 1)
+                logger.close()
+                if main:
+                    print(f"perlhf: stopped at iteration {iteration + 1}; checkpoint saved. "
+                          "Re-run the same command to resume.")
+                return {"stopped_at": iteration + 1}
+    logger.close()
+
+    if main:
+        with writing(run_dir):
+            roles.backbone.save_adapter("policy", run_dir / "policy",
+                                        extra_config={"base_model_name_or_path": config.model})
+            if config.uses_value:
+                roles.backbone.save_adapter("value", run_dir / "value",
+                                            extra_config={"base_model_name_or_path": config.model})
+            cfg.save_yaml(config, run_dir / "training_config.yaml")
+        print(f"perlhf: policy adapter saved to {run_dir / 'policy'}")
+    return {"iterations": config.max_steps, "policy": str(run_dir / "policy"),
+            "peak_memory_mb": peak_memory_mb(accelerator.device), "skipped_steps": guard.skipped}
+
+
+def _gather_rng(accelerator) -> list | dict:
+    from perlhf.checkpoint import capture_rng_state
+
+    state = capture_rng_state()
+    if accelerator.num_processes == 1:
+        return state
+    from accelerate.utils import gather_object
+
+    return gather_object([state])
+
+
+def register_cli(subparsers) -> None:
+    train = subparsers.add_parser("train", help="train a policy LoRA adapter with RL against a reward model")
+    cfg.add_arguments(train, RLConfig)
+    train.set_defaults(run=lambda args: train_policy(cfg.build(RLConfig, args)) and 0)
