@@ -472,7 +472,7 @@ def train_reward_model(config: RewardConfig) -> dict:
     logger = MetricsLogger(run_dir, config.max_steps, start_step, enabled=main, description="reward model")
     guard = NonFiniteGuard(max_in_row=3)
     tokens_seen, started = 0, time.perf_counter()
-    step = start_step
+    step, last_eval = start_step, None
     with StopRequest() as stop:
         while step < config.max_steps:
             model.train()
@@ -506,17 +506,17 @@ def train_reward_model(config: RewardConfig) -> dict:
                                   "memory/peak_mb": peak_memory_mb(accelerator.device)},
                            show=("train/loss", "train/accuracy"))
             if (config.eval_steps and step % config.eval_steps == 0) or step == config.max_steps:
-                metrics = evaluate(model, val, tokenizer.pad_token_id, config.per_device_eval_batch_size, accelerator)
+                metrics = last_eval = evaluate(model, val, tokenizer.pad_token_id, config.per_device_eval_batch_size,
+                                               accelerator)
                 logger.log(step, metrics, show=("train/loss", "eval/accuracy"))
                 if main and metrics and metrics["eval/accuracy"] > best["eval/accuracy"]:
                     best = {**metrics, "step": step}
                     with writing(run_dir / "best"):
                         unwrapped.save(run_dir / "best", extra={"perlhf_step": step})
                 accelerator.wait_for_everyone()
-            if step % config.save_steps == 0 or step == config.max_steps:
+            if step % config.save_steps == 0 or step == config.max_steps or stop.requested:
                 save_checkpoint(step)
             if stop.requested:
-                save_checkpoint(step)
                 logger.close()
                 if main:
                     print(f"perlhf: stopped at step {step}; checkpoint saved. Re-run the same command to resume.")
@@ -524,7 +524,8 @@ def train_reward_model(config: RewardConfig) -> dict:
     logger.close()
 
     elapsed = time.perf_counter() - started
-    final = evaluate(model, val, tokenizer.pad_token_id, config.per_device_eval_batch_size, accelerator)
+    final = last_eval if last_eval is not None else evaluate(model, val, tokenizer.pad_token_id,
+                                                             config.per_device_eval_batch_size, accelerator)
     summary = {"final": final, "best": best, "steps": step, "kind": kind, "train_examples": len(train),
                "validation_examples": len(val), "tokens_per_second": tokens_seen / max(elapsed, 1e-9),
                "peak_memory_mb": peak_memory_mb(accelerator.device), "skipped_steps": guard.skipped,

@@ -79,18 +79,20 @@ def eos_token_ids(tokenizer, model) -> list[int]:
 
 
 @torch.no_grad()
-def generate(backbone: Backbone, role: str | None, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int,
-             temperature: float = 1.0, top_p: float = 1.0, do_sample: bool = True) -> Rollout:
-    """Sample one response per prompt with the KV cache, the given role active."""
-    device = next(backbone.model.parameters()).device
+def generate(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
+             top_p: float = 1.0, do_sample: bool = True) -> Rollout:
+    """Sample one response per prompt with the KV cache (call inside the role that should generate)."""
+    device = next(model.parameters()).device
     ids, mask = pad_left(prompt_ids, tokenizer.pad_token_id, device)
-    eos = eos_token_ids(tokenizer, backbone.model)
+    eos = eos_token_ids(tokenizer, model)
     generation = GenerationConfig(do_sample=do_sample, temperature=temperature if do_sample else None,
                                   top_p=top_p if do_sample else None, top_k=0 if do_sample else None,
                                   max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
                                   use_cache=True)
-    with backbone.role(role):
-        out = backbone.model.generate(input_ids=ids, attention_mask=mask, generation_config=generation)
+    was_training = model.training
+    model.eval()
+    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=generation)
+    model.train(was_training)
     response = out[:, ids.size(1):]
     if response.size(1) == 0:  # every prompt ended at once is impossible, but keep shapes valid
         response = torch.full((ids.size(0), 1), eos[0], device=device)
@@ -135,3 +137,14 @@ def prompt_and_response_lists(rollout: Rollout) -> tuple[list[list[int]], list[l
     prompts = [row[m.bool()].tolist() for row, m in zip(rollout.prompt_ids, rollout.prompt_mask)]
     responses = [row[m.bool()].tolist() for row, m in zip(rollout.response_ids, rollout.response_mask)]
     return prompts, responses
+
+
+@torch.no_grad()
+def score_responses(backbone: Backbone, adapter: str, rollout: Rollout, pad_id: int) -> torch.Tensor:
+    """Scores from the head of `adapter` on prompt + response, right-padded as the reward model was trained."""
+    from perlhf.reward import pad_right
+
+    prompts, responses = prompt_and_response_lists(rollout)
+    ids, mask = pad_right([p + r for p, r in zip(prompts, responses)], pad_id, rollout.prompt_ids.device)
+    with backbone.role(adapter):
+        return backbone.scores(adapter, ids, mask)

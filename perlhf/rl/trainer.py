@@ -21,7 +21,7 @@ from perlhf.config import check, field
 from perlhf.models import DEFAULT_MODEL
 from perlhf.rl import objectives as obj
 from perlhf.rl.rollout import (Rollout, encode_prompts, generate, prompt_and_response_lists, response_logprobs,
-                               response_values)
+                               response_values, score_responses)
 
 ALGORITHMS = ("reinforce", "rloo", "ppo")
 
@@ -159,13 +159,7 @@ class Roles:
             _, responses = prompt_and_response_lists(rollout)
             texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
             return torch.tensor(self.separate_reward.score(prompts, texts), device=rollout.prompt_ids.device)
-        from perlhf.reward import pad_right
-
-        prompt_ids, response_ids = prompt_and_response_lists(rollout)
-        ids, mask = pad_right([p + r for p, r in zip(prompt_ids, response_ids)], self.tokenizer.pad_token_id,
-                              rollout.prompt_ids.device)
-        with self.backbone.role("reward"):
-            return self.backbone.scores("reward", ids, mask)
+        return score_responses(self.backbone, "reward", rollout, self.tokenizer.pad_token_id)
 
     def policy_logprobs(self, rollout: Rollout, with_entropy: bool = False, train: bool = False):
         with self.backbone.role("policy", train=train):
@@ -230,7 +224,7 @@ def update_reinforce(roles: Roles, batch: Batch, step, config: RLConfig, generat
         predicted = roles.values(part, train=True)[:, 0]
         v_loss = obj.value_loss(predicted, batch.returns[index], torch.ones_like(predicted))
         (config.value_coef * v_loss).backward()
-        stats.append({"loss/policy": policy_loss.item(), "loss/value": v_loss.item(), **step()})
+        stats.append({"loss/policy": policy_loss.item(), "loss/value": v_loss.item(), **step(policy_loss + v_loss)})
     return _mean(stats)
 
 
@@ -244,7 +238,7 @@ def update_rloo(roles: Roles, batch: Batch, step, config: RLConfig, generator) -
         part = batch.rollout.select(index)
         loss = obj.policy_gradient_loss(roles.policy_logprobs(part, train=True), advantages[index], part.response_mask)
         loss.backward()
-        stats.append({"loss/policy": loss.item(), **step()})
+        stats.append({"loss/policy": loss.item(), **step(loss)})
     return _mean(stats)
 
 
@@ -268,7 +262,7 @@ def update_ppo(roles: Roles, batch: Batch, step, config: RLConfig, generator) ->
         v_loss = obj.value_loss(values, returns[index], part.response_mask, old_values[index], config.value_clip_range)
         (config.value_coef * v_loss).backward()
         stats.append({"loss/policy": policy_loss.item(), "loss/value": v_loss.item(),
-                      "ppo/clip_fraction": clip_fraction.item(), **step()})
+                      "ppo/clip_fraction": clip_fraction.item(), **step(policy_loss + v_loss)})
     return _mean(stats)
 
 
@@ -362,13 +356,13 @@ def train_policy(config: RLConfig) -> dict:
     guard = NonFiniteGuard(max_in_row=3)
     all_params = policy_params + value_params
 
-    def optimizer_step() -> dict:
+    def optimizer_step(loss: torch.Tensor) -> dict:
         if world > 1:  # roles share one module, so gradients are averaged by hand instead of through DDP
             for p in all_params:
                 if p.grad is not None:
                     p.grad = accelerator.reduce(p.grad, reduction="mean")
         norm = torch.nn.utils.clip_grad_norm_(all_params, config.max_grad_norm)
-        ok = guard.step_ok(norm, all_params, current["iteration"])
+        ok = guard.step_ok(loss.detach(), all_params, current["iteration"])
         if ok:
             optimizer.step()
             scheduler.step()
@@ -393,8 +387,9 @@ def train_policy(config: RLConfig) -> dict:
             timings = {}
 
             tick = time.perf_counter()
-            rollout = generate(roles.backbone, "policy", tokenizer, [encoded[i] for i in chosen],
-                               config.max_new_tokens, config.temperature, config.top_p)
+            with roles.backbone.role("policy"):
+                rollout = generate(roles.backbone.model, tokenizer, [encoded[i] for i in chosen],
+                                   config.max_new_tokens, config.temperature, config.top_p)
             timings["time/generate"] = time.perf_counter() - tick
 
             tick = time.perf_counter()
@@ -436,10 +431,9 @@ def train_policy(config: RLConfig) -> dict:
             }
             logger.log(iteration + 1, metrics, show=("reward/score", "reward/kl", "policy/response_length"))
             logger.advance()
-            if (iteration + 1) % config.save_steps == 0 or iteration + 1 == config.max_steps:
+            if (iteration + 1) % config.save_steps == 0 or iteration + 1 == config.max_steps or stop.requested:
                 save_checkpoint(iteration + 1)
             if stop.requested:
-                save_checkpoint(iteration + 1)
                 logger.close()
                 if main:
                     print(f"perlhf: stopped at iteration {iteration + 1}; checkpoint saved. "

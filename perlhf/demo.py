@@ -1,0 +1,218 @@
+"""`perlhf demo`: the whole PERL loop on the embedded default model, with a simulated human.
+
+1. Prompts written for perlhf (below) are split three ways: reward-model prompts, RL prompts, held-out prompts.
+2. The anchor (the untouched model) samples two responses per reward-model prompt.
+3. A simulated human, `gold_preference`, labels each pair. The reward model sees only these labels.
+4. A LoRA reward model is trained on the pairs (held-out accuracy reported).
+5. A LoRA policy is trained with RL against the reward model only.
+6. The gold preference, which RL never saw, judges the policy against the anchor on held-out prompts,
+   so the report shows honestly whether RL improved the policy or only hacked the reward model.
+7. A report and the exported adapters are written to the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from perlhf import config as cfg
+from perlhf.config import field
+from perlhf.models import DEFAULT_MODEL
+
+ACTIVITIES = [
+    "sleep better", "save money on groceries", "learn a new language", "keep houseplants alive", "start running",
+    "cook rice", "write a cover letter", "stay focused while studying", "make friends in a new city",
+    "reduce screen time", "prepare for a job interview", "clean a cast iron pan", "drink more water",
+    "learn to play guitar", "organise a small kitchen", "take better photos with a phone", "speak in public",
+    "remember names", "stop procrastinating", "pack for a weekend trip", "brew good coffee", "care for a puppy",
+    "fix a squeaky door", "start a vegetable garden", "keep a journal", "read more books", "wake up earlier",
+    "make a budget", "stay warm in winter", "learn to swim", "bake bread", "write a thank-you note",
+    "choose a good password", "back up my photos", "lower my electricity bill", "study for a maths exam",
+    "make my bike last longer", "keep my desk tidy", "cook a healthy breakfast", "deal with stress at work",
+    "plan a birthday party", "improve my handwriting", "learn to draw", "get better at chess",
+    "teach a child to ride a bike", "keep bread fresh", "be a better listener", "travel on a small budget",
+]
+TEMPLATES = [
+    "What is one good way to {a}?", "Give me a tip to {a}.", "How can I {a}?", "Any advice on how to {a}?",
+    "I want to {a}. Where should I start?",
+]
+STOPWORDS = set("a an the to of on in for my and i how can what is one good way give me tip any advice want "
+                "where should start with at your you it be do get make keep".split())
+RUDE = ("stupid", "idiot", "shut up", "dumb", "hate you", "whatever", "ugh")
+
+
+def demo_prompts() -> list[str]:
+    return [t.format(a=a) for a in ACTIVITIES for t in TEMPLATES]
+
+
+def _user_text(prompt) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    users = [m.get("content", "") for m in prompt if m.get("role") == "user"]
+    return users[-1] if users else ""
+
+
+def gold_preference(prompt, response: str) -> float:
+    """The simulated human: prefers replies that are concise, finished, on-topic and polite.
+
+    + 1.0 when the reply is finished (ends with . ! or ?), rather than cut off mid-sentence
+    - 0.04 for every word beyond 30 (concise)
+    + 1.0 times the fraction of the prompt's content words that the reply uses (on-topic)
+    - 1.0 for each rude phrase; an empty reply scores -2.
+    """
+    text = response.strip()
+    words = re.findall(r"[A-Za-z']+", text)
+    if not words:
+        return -2.0
+    score = 1.0 if text.endswith((".", "!", "?")) else 0.0
+    score -= 0.04 * max(0, len(words) - 30)
+    topic = {w for w in re.findall(r"[a-z']+", _user_text(prompt).lower()) if w not in STOPWORDS and len(w) > 2}
+    if topic:
+        used = {w.lower() for w in words}
+        score += sum(any(u.startswith(t[:5]) for u in used) for t in topic) / len(topic)
+    lowered = text.lower()
+    score -= sum(lowered.count(r) for r in RUDE)
+    return round(score, 4)
+
+
+@dataclass
+class DemoConfig:
+    model: str = field(DEFAULT_MODEL, "backbone")
+    output_dir: str = field("runs/demo", "run directory")
+    quick: bool = field(False, "every stage at a smaller size: a smoke test of about 5 minutes")
+    overwrite_output_dir: bool = field(False, "start over instead of reusing finished stages")
+    algorithm: str = field("reinforce", "reinforce, rloo or ppo")
+    seed: int = field(0, "random seed")
+    device: str | None = field(None, "default: cuda if available")
+    dtype: str | None = field(None, "default: bf16 on CUDA, fp32 on CPU")
+
+    def sizes(self) -> dict:
+        if self.quick:
+            return {"rm_prompts": 40, "eval_prompts": 16, "pair_tokens": 40, "rm_steps": 15, "rl_steps": 6,
+                    "rl_batch": 8, "rl_tokens": 40}
+        return {"rm_prompts": 100, "eval_prompts": 48, "pair_tokens": 40, "rm_steps": 50, "rl_steps": 24,
+                "rl_batch": 8, "rl_tokens": 40}
+
+
+def sample_preference_pairs(config: DemoConfig, prompts: list[str], path: Path, max_new_tokens: int) -> dict:
+    """Two anchor responses per prompt, labelled by the gold preference; pairs it cannot separate are skipped."""
+    from perlhf.models import load_model
+    from perlhf.rl.rollout import encode_prompts, generate, prompt_and_response_lists
+
+    loaded = load_model(config.model, device=config.device, dtype=config.dtype)
+    messages = [[{"role": "user", "content": p}] for p in prompts]
+    encoded, _ = encode_prompts(loaded.tokenizer, messages, 256)
+    torch.manual_seed(config.seed)
+    kept, ties = 0, 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as handle:
+        for start in range(0, len(encoded), 16):
+            batch = encoded[start:start + 16]
+            doubled = [ids for ids in batch for _ in (0, 1)]
+            rollout = generate(loaded.model, loaded.tokenizer, doubled, max_new_tokens, temperature=1.0, top_p=0.95)
+            texts = loaded.tokenizer.batch_decode(prompt_and_response_lists(rollout)[1], skip_special_tokens=True)
+            for j, prompt in enumerate(messages[start:start + 16]):
+                a, b = texts[2 * j].strip(), texts[2 * j + 1].strip()
+                ga, gb = gold_preference(prompt, a), gold_preference(prompt, b)
+                if ga == gb:
+                    ties += 1
+                    continue
+                chosen, rejected = (a, b) if ga > gb else (b, a)
+                handle.write(json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected}) + "\n")
+                kept += 1
+            print(f"perlhf: demo pairs {min(start + 16, len(encoded))}/{len(encoded)} prompts sampled", flush=True)
+    return {"pairs": kept, "ties_skipped": ties}
+
+
+def run_demo(config: DemoConfig) -> dict:
+    from perlhf.evaluate import EvalConfig, describe, evaluate_policy
+    from perlhf.export import export_adapter
+    from perlhf.metrics import read_metrics
+    from perlhf.report import write_report
+    from perlhf.reward import RewardConfig, train_reward_model
+    from perlhf.rl.trainer import RLConfig, train_policy
+
+    sizes, run = config.sizes(), Path(config.output_dir)
+    if config.overwrite_output_dir and run.exists():
+        import shutil
+
+        shutil.rmtree(run)
+    run.mkdir(parents=True, exist_ok=True)
+    prompts = demo_prompts()
+    random.Random(config.seed).shuffle(prompts)
+    n_rm, n_eval = sizes["rm_prompts"], sizes["eval_prompts"]
+    rm_prompts, eval_prompts, rl_prompts = prompts[:n_rm], prompts[n_rm:n_rm + n_eval], prompts[n_rm + n_eval:]
+    data = run / "data"
+    data.mkdir(exist_ok=True)
+    for name, items in (("rl_prompts", rl_prompts), ("eval_prompts", eval_prompts)):
+        with (data / f"{name}.jsonl").open("w", encoding="utf-8") as handle:
+            for p in items:
+                handle.write(json.dumps({"prompt": [{"role": "user", "content": p}]}) + "\n")
+    timings, started = {}, time.perf_counter()
+
+    def stage(name: str):
+        print(f"\nperlhf demo: {name}", flush=True)
+        timings[name] = time.perf_counter()
+
+    stage("1/5 sampling preference pairs from the anchor, labelled by the simulated human")
+    pairs_path = data / "pairs.jsonl"
+    pair_stats = json.loads((data / "pairs.json").read_text()) if (data / "pairs.json").exists() else None
+    if pair_stats is None:
+        pair_stats = sample_preference_pairs(config, rm_prompts, pairs_path, sizes["pair_tokens"])
+        (data / "pairs.json").write_text(json.dumps(pair_stats))
+    print(f"perlhf: {pair_stats['pairs']} pairs, {pair_stats['ties_skipped']} ties skipped (the gold judge could not separate them)")
+
+    stage("2/5 training the LoRA reward model on the labelled pairs")
+    rm = train_reward_model(RewardConfig(
+        model=config.model, data=str(pairs_path), output_dir=str(run / "reward_model"), validation_fraction=0.2,
+        max_steps=sizes["rm_steps"], per_device_train_batch_size=8, learning_rate=3e-4, max_length=160,
+        eval_steps=0, save_steps=max(5, sizes["rm_steps"] // 2), seed=config.seed, device=config.device,
+        dtype=config.dtype))
+
+    stage(f"3/5 RL ({config.algorithm}) of a LoRA policy against the reward model, one shared backbone")
+    train_policy(RLConfig(
+        model=config.model, reward_model=str(run / "reward_model"), prompts=str(data / "rl_prompts.jsonl"),
+        algorithm=config.algorithm, output_dir=str(run / "policy_run"), max_steps=sizes["rl_steps"],
+        batch_size=sizes["rl_batch"], max_new_tokens=sizes["rl_tokens"], learning_rate=2e-4,
+        value_learning_rate=2e-4, kl_coef=0.05, save_steps=max(2, sizes["rl_steps"] // 3), seed=config.seed,
+        device=config.device, dtype=config.dtype))
+
+    stage("4/5 evaluating the policy against the anchor on held-out prompts")
+    evaluation = evaluate_policy(EvalConfig(
+        policy=str(run / "policy_run"), prompts=str(data / "eval_prompts.jsonl"), judges=["gold"],
+        num_prompts=n_eval, max_new_tokens=sizes["rl_tokens"], output_dir=str(run), device=config.device,
+        dtype=config.dtype, seed=config.seed + 1))
+    evaluation["reward_model_accuracy"] = rm["final"].get("eval/accuracy")
+    print(describe(evaluation))
+
+    stage("5/5 report and exported adapters")
+    samples = [json.loads(line) for line in (run / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
+    export_adapter(run / "policy_run" / "policy", run / "export" / "policy_adapter", overwrite=True)
+    export_adapter(run / "reward_model", run / "export" / "reward_adapter", overwrite=True)
+    evaluation["timings_seconds"] = _durations(timings, time.perf_counter())
+    evaluation["total_seconds"] = time.perf_counter() - started
+    (run / "evaluation.json").write_text(json.dumps(evaluation, indent=2), encoding="utf-8")
+    report = write_report(run, metrics=read_metrics(run / "policy_run"), evaluation=evaluation, samples=samples,
+                          title="perlhf demo: PERL on " + config.model)
+    gold = evaluation["judges"]["gold"]
+    print(f"\nperlhf demo finished in {evaluation['total_seconds'] / 60:.1f} min. Reward model held-out accuracy "
+          f"{evaluation['reward_model_accuracy']:.1%}; gold win rate of the policy vs the anchor {gold['win_rate']:.1%} "
+          f"(95% CI {gold['ci_low']:.1%}-{gold['ci_high']:.1%}); mean KL {evaluation['kl']['mean']:.3f}.")
+    print(f"perlhf demo: report {report}; adapters in {run / 'export'}")
+    return evaluation
+
+
+def _durations(marks: dict, end: float) -> dict:
+    names = list(marks)
+    return {n: round((marks[names[i + 1]] if i + 1 < len(names) else end) - marks[n], 1) for i, n in enumerate(names)}
+
+
+def register_cli(parser) -> None:
+    cfg.add_arguments(parser, DemoConfig)
+    parser.set_defaults(run=lambda args: run_demo(cfg.build(DemoConfig, args)) and 0)
