@@ -9,34 +9,40 @@ from perlhf.config import ConfigError
 
 
 def _build_parser() -> argparse.ArgumentParser:
+    from perlhf import demo, evaluate, export, reward
+    from perlhf.label.cli import register as register_label
+    from perlhf.rl import trainer
+
     parser = argparse.ArgumentParser(prog="perlhf", description="Parameter-Efficient RLHF with LoRA adapters.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    from perlhf import reward
-
-    rm = commands.add_parser("rm", help="reward models: train, eval, score").add_subparsers(dest="action", required=True)
-    reward.register_cli(rm)
-
-    from perlhf.rl import trainer
-
+    demo.register_cli(commands.add_parser("demo", help="the whole PERL loop on the default model"))
+    rm = commands.add_parser("rm", help="reward models: train, eval, score")
+    reward.register_cli(rm.add_subparsers(dest="action", required=True))
     rl = commands.add_parser("rl", help="RL: train a policy adapter against a reward model")
     trainer.register_cli(rl.add_subparsers(dest="action", required=True))
-
-    from perlhf.label.cli import register as register_label
-
+    evaluate.register_cli(commands.add_parser("eval", help="policy vs anchor: win rates, KL, length check"))
+    export.register_cli(commands.add_parser("export", help="export an adapter, alone or merged into the model"))
     label = commands.add_parser("label", help="collect human preferences in a web page")
     register_label(label.add_subparsers(dest="action", required=True))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from perlhf.data import DataError
+    from perlhf.guards import OutputError, TrainingDiverged, UnsafeInputError
+    from perlhf.models import ModelLoadError
+
     parser = _build_parser()
     args = parser.parse_args(argv)
     try:
         result = args.run(args)
-    except ConfigError as err:
+    except (ConfigError, DataError, OutputError, UnsafeInputError, ModelLoadError, FileNotFoundError) as err:
         print(f"perlhf: error: {err}", file=sys.stderr)
         return 2
+    except TrainingDiverged as err:
+        print(f"perlhf: training stopped: {err}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("perlhf: interrupted", file=sys.stderr)
         return 130

@@ -39,6 +39,9 @@ class EvalConfig:
     device: str | None = field(None, "default: cuda if available")
     dtype: str | None = field(None, "default: bf16 on CUDA, fp32 on CPU")
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
         check(bool(self.policy), "policy", "is required")
         check(bool(self.prompts), "prompts", "is required")

@@ -64,6 +64,9 @@ class RewardConfig:
     trust_remote_code: bool = field(False, "allow model code from the model repository")
     allow_pickle: bool = field(False, "allow pickle-based weight files (can run code when loaded)")
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
         check(bool(self.data), "data", "is required")
         check(self.lora_rank >= 1, "lora_rank", f"must be >= 1 (got {self.lora_rank})")
@@ -170,6 +173,7 @@ class RewardModel(nn.Module):
             save_adapter(self.body, self.ADAPTER, directory, self.head, info)
         else:
             self.body.save_pretrained(directory, safe_serialization=True)
+            self.tokenizer.save_pretrained(directory)
             save_file({HEAD_KEY: self.head.weight.detach().contiguous().cpu()}, str(directory / "score.safetensors"))
             (directory / "perlhf_reward.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
 

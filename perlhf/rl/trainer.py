@@ -39,7 +39,7 @@ class RLConfig:
     overwrite_output_dir: bool = field(False, "start over instead of resuming from the last checkpoint")
     max_steps: int = field(50, "RL iterations (one rollout batch and its update each)")
     batch_size: int = field(8, "prompts per iteration per device")
-    samples_per_prompt: int = field(1, "responses per prompt (k); rloo needs k >= 2 (default 2 for rloo)")
+    samples_per_prompt: int | None = field(None, "responses per prompt (k); default 2 for rloo (which needs k >= 2), else 1")
     mini_batch_size: int | None = field(None, "sequences per optimizer step; default: the whole rollout batch")
     update_epochs: int = field(1, "passes over each rollout batch (PPO often uses 2-4)")
     learning_rate: float = field(1e-4, "policy adapter learning rate")
@@ -72,12 +72,15 @@ class RLConfig:
     trust_remote_code: bool = field(False, "allow model code from the model repository")
     allow_pickle: bool = field(False, "allow pickle-based weight files")
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
         check(bool(self.reward_model), "reward_model", "is required")
         check(bool(self.prompts), "prompts", "is required")
         check(self.algorithm in ALGORITHMS, "algorithm", f"must be one of {', '.join(ALGORITHMS)} (got {self.algorithm!r})")
-        if self.algorithm == "rloo" and self.samples_per_prompt == 1:
-            self.samples_per_prompt = 2
+        if self.samples_per_prompt is None:
+            self.samples_per_prompt = 2 if self.algorithm == "rloo" else 1
         check(self.algorithm != "rloo" or self.samples_per_prompt >= 2, "samples_per_prompt",
               f"rloo needs k >= 2 samples per prompt (got {self.samples_per_prompt})")
         check(self.samples_per_prompt >= 1, "samples_per_prompt", "must be >= 1")

@@ -1,0 +1,122 @@
+"""RL on one shared backbone, end to end on tiny random models."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_model, save_tiny_model
+from perlhf.backbone import Backbone, lora_config
+from perlhf.metrics import read_metrics
+from perlhf.reward import RewardConfig, train_reward_model
+from perlhf.rl.rollout import Rollout, encode_prompts, generate, pad_left, response_logprobs
+from perlhf.rl.trainer import RLConfig, train_policy
+
+PROMPTS = ["Tell me about cats.", "Tell me about dogs.", "What is tea?", "Why does it rain?", "Read a map.",
+           "Play some jazz.", "Bake bread.", "Ride a train."]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_tokenizer):
+    root = tmp_path_factory.mktemp("rl")
+    model = save_tiny_model("llama", root / "llama", tiny_tokenizer)
+    pairs = root / "pairs.jsonl"
+    with pairs.open("w") as handle:
+        for i in range(64):
+            handle.write(json.dumps({"prompt": PROMPTS[i % 8], "chosen": "Sure! Lovely.", "rejected": f"no {i}"}) + "\n")
+    train_reward_model(RewardConfig(model=model, data=str(pairs), output_dir=str(root / "rm"), max_steps=10,
+                                    learning_rate=2e-3, eval_steps=0, save_steps=10, device="cpu"))
+    (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    return {"root": root, "model": model, "rm": str(root / "rm"), "prompts": str(root / "prompts.txt")}
+
+
+def rl_config(setup, out, **overrides) -> RLConfig:
+    values = dict(model=setup["model"], reward_model=setup["rm"], prompts=setup["prompts"], output_dir=str(out),
+                  max_steps=3, batch_size=4, max_new_tokens=6, save_steps=2, device="cpu", seed=0)
+    values.update(overrides)
+    return RLConfig(**values)
+
+
+@pytest.mark.parametrize("algorithm", ["reinforce", "rloo", "ppo"])
+def test_each_algorithm_trains_a_policy_adapter(algorithm, setup, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / algorithm
+    result = train_policy(rl_config(setup, out, algorithm=algorithm))
+    metrics = read_metrics(out)
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    for key in ("reward/score", "reward/kl", "reward/return", "policy/entropy", "policy/response_length",
+                "policy/eos_rate", "loss/policy", "perf/tokens_per_second", "time/generate", "time/score",
+                "time/reference", "time/update", "memory/peak_mb", "kl/coef"):
+        assert key in metrics[-1], key
+    assert ("loss/value" in metrics[-1]) == (algorithm != "rloo")
+    assert abs(metrics[0]["reward/kl"]) < 1e-6  # LoRA B starts at zero: the policy equals the anchor at first
+    assert metrics[-1]["reward/kl"] != 0.0       # ... and moved away from it after updates
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(setup["model"]), result["policy"])
+    assert loaded is not None
+    assert (out / "value").exists() == (algorithm != "rloo")
+
+
+def test_reference_is_a_frozen_copy_when_the_policy_starts_from_an_adapter(setup, tmp_path, tiny_tokenizer):
+    base = make_model("llama", len(tiny_tokenizer))
+    sft = Backbone.with_adapter(base, "policy", lora_config(base, 4, 8, 0.0, "attention"))
+    for name, p in sft.model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.5)  # a real starting adapter, far from the bare backbone
+    sft.save_adapter("policy", tmp_path / "sft")
+    out = tmp_path / "from-sft"
+    train_policy(rl_config(setup, out, policy_adapter=str(tmp_path / "sft"), max_steps=2))
+    first = read_metrics(out)[0]
+    # against a frozen copy of the starting adapter the first KL is exactly zero; against the bare
+    # backbone (what peers do) it would be large
+    assert abs(first["reward/kl"]) < 1e-6
+
+
+def test_reward_model_on_another_base_is_a_separate_model(setup, tmp_path, tiny_tokenizer, capsys):
+    other = save_tiny_model("gpt2", tmp_path / "gpt2", tiny_tokenizer)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": p, "chosen": "Sure!", "rejected": f"no {i}"}) + "\n"
+                             for i, p in enumerate(PROMPTS * 4)))
+    train_reward_model(RewardConfig(model=other, data=str(pairs), output_dir=str(tmp_path / "rm2"), max_steps=3,
+                                    eval_steps=0, save_steps=3, device="cpu"))
+    train_policy(rl_config(setup, tmp_path / "run", reward_model=str(tmp_path / "rm2"), max_steps=2))
+    assert "separate model" in capsys.readouterr().out
+
+
+def test_logprobs_do_not_depend_on_padding(tiny_tokenizer):
+    model = make_model("llama", len(tiny_tokenizer)).eval()
+    prompts, _ = encode_prompts(tiny_tokenizer, ["hi", "a much longer prompt than the first"], 64)
+    rollout = generate(model, tiny_tokenizer, prompts, 5, do_sample=False)
+    together = response_logprobs(model, rollout)
+    for row in range(2):
+        ids, mask = pad_left([prompts[row]], tiny_tokenizer.pad_token_id, "cpu")
+        alone = Rollout(ids, mask, rollout.response_ids[row:row + 1], rollout.response_mask[row:row + 1],
+                        rollout.ended[row:row + 1])
+        assert torch.allclose(response_logprobs(model, alone), together[row:row + 1], atol=1e-5)
+
+
+def test_response_mask_stops_after_eos(tiny_tokenizer):
+    from perlhf.rl.rollout import response_mask_after_eos
+
+    eos = tiny_tokenizer.eos_token_id
+    mask, ended = response_mask_after_eos(torch.tensor([[5, eos, 7, 8], [5, 6, 7, 8]]), [eos], 256)
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]] and ended.tolist() == [True, False]
+
+
+@pytest.mark.slow
+def test_accelerate_launch_two_cpu_processes(setup, tmp_path):
+    out = tmp_path / "ddp"
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "perlhf.cli", "rl", "train", "--model",
+         setup["model"], "--reward-model", setup["rm"], "--prompts", setup["prompts"], "--output-dir", str(out),
+         "--max-steps", "2", "--batch-size", "2", "--max-new-tokens", "5", "--algorithm", "ppo"],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "policy" / "adapter_model.safetensors").exists()
+    assert [m["step"] for m in read_metrics(out)] == [1, 2]
