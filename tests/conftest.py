@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+# The suite's models are tiny: on a 2-core machine a second intra-op thread costs more than it gives.
+torch.set_num_threads(1)
+
 SHARED_DATA = Path(os.environ.get("PERLHF_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 
 CHAT_TEMPLATE = (
