@@ -104,7 +104,7 @@ class Backbone(nn.Module):
     def copy_adapter(self, source: str, name: str, trainable: bool) -> None:
         """A second adapter with the same weights, e.g. a frozen reference copy of a starting policy adapter."""
         self.add_adapter(name, self.model.peft_config[source], trainable)
-        weights = get_peft_model_state_dict(self.model, adapter_name=source)
+        weights = get_peft_model_state_dict(self.model, adapter_name=source, save_embedding_layers=False)
         set_peft_model_state_dict(self.model, weights, adapter_name=name)
         if source in self.heads:
             self.heads[name] = _clone_head(self.heads[source])
@@ -208,7 +208,9 @@ def save_adapter(model: PeftModel, name: str, directory: str | Path, head: nn.Li
     """PEFT adapter format: adapter_config.json + adapter_model.safetensors (LoRA weights, and the head if any)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    weights = {k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(model, adapter_name=name).items()}
+    # save_embedding_layers=False: PEFT would otherwise look the base model up on the Hub at every save
+    state = get_peft_model_state_dict(model, adapter_name=name, save_embedding_layers=False)
+    weights = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     config = model.peft_config[name].to_dict()
     if head is not None:
         weights[HEAD_KEY] = head.weight.detach().contiguous().cpu()

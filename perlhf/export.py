@@ -203,7 +203,7 @@ def _export_adapter_only(adapter: Adapter, out: Path, tolerance: float) -> dict:
 
     # Verify: plain PEFT loads the copy, and every tensor of the file arrives in the model unchanged.
     model = _load_with_adapter(adapter, out, tokenizer)
-    loaded = get_peft_model_state_dict(model)
+    loaded = get_peft_model_state_dict(model, save_embedding_layers=False)
     saved = load_file(str(out / ADAPTER_WEIGHTS))
     lost = [k for k, v in saved.items() if k not in loaded or not torch.equal(loaded[k].to(v.dtype), v)]
     if lost:

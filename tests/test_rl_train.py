@@ -120,3 +120,15 @@ def test_accelerate_launch_two_cpu_processes(setup, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "policy" / "adapter_model.safetensors").exists()
     assert [m["step"] for m in read_metrics(out)] == [1, 2]
+
+
+def test_prompt_value_equals_the_value_before_the_first_response_token(tiny_tokenizer):
+    from perlhf.backbone import new_head
+    from perlhf.rl.rollout import prompt_values, response_values
+
+    model = make_model("llama", len(tiny_tokenizer)).eval()
+    head = new_head(model)
+    prompts, _ = encode_prompts(tiny_tokenizer, ["hi", "a longer prompt"], 64)
+    rollout = generate(model, tiny_tokenizer, prompts, 4, do_sample=False)
+    with torch.no_grad():
+        assert torch.allclose(prompt_values(model, head, rollout), response_values(model, head, rollout)[:, 0], atol=1e-5)

@@ -132,6 +132,15 @@ def response_values(model, head: torch.nn.Module, rollout: Rollout) -> torch.Ten
     return head(hidden[:, start - 1:-1].to(head.weight.dtype)).squeeze(-1).float()
 
 
+def prompt_values(model, head: torch.nn.Module, rollout: Rollout) -> torch.Tensor:
+    """V(prompt) [B]: the value head on the last prompt token, running the prompt alone (left-padded)."""
+    mask = rollout.prompt_mask
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    hidden = transformer_body(model)(input_ids=rollout.prompt_ids, attention_mask=mask, position_ids=positions,
+                                     use_cache=False).last_hidden_state
+    return head(hidden[:, -1].to(head.weight.dtype)).squeeze(-1).float()
+
+
 def prompt_and_response_lists(rollout: Rollout) -> tuple[list[list[int]], list[list[int]]]:
     """Unpadded token ids of each prompt and response (response up to and including EOS)."""
     prompts = [row[m.bool()].tolist() for row, m in zip(rollout.prompt_ids, rollout.prompt_mask)]

@@ -20,8 +20,8 @@ from perlhf.backbone import Backbone, last_token_scores, lora_config, new_head
 from perlhf.config import check, field
 from perlhf.models import DEFAULT_MODEL
 from perlhf.rl import objectives as obj
-from perlhf.rl.rollout import (Rollout, encode_prompts, generate, prompt_and_response_lists, response_logprobs,
-                               response_values, score_responses)
+from perlhf.rl.rollout import (Rollout, encode_prompts, generate, prompt_and_response_lists, prompt_values,
+                               response_logprobs, response_values, score_responses)
 
 ALGORITHMS = ("reinforce", "rloo", "ppo")
 
@@ -176,6 +176,10 @@ class Roles:
         with self.backbone.role("value", train=train):
             return response_values(self.backbone.model, self.backbone.heads["value"], rollout)
 
+    def prompt_values(self, rollout: Rollout, train: bool = False) -> torch.Tensor:
+        with self.backbone.role("value", train=train):
+            return prompt_values(self.backbone.model, self.backbone.heads["value"], rollout)
+
     def trainable(self) -> tuple[list, list]:
         value = self.backbone.trainable_parameters("value") if self.config.uses_value else []
         return self.backbone.trainable_parameters("policy"), value
@@ -217,16 +221,14 @@ def update_reinforce(roles: Roles, batch: Batch, step, config: RLConfig, generat
     stats = []
     for index in minibatches(len(batch.returns), config.mini_batch_size or len(batch.returns), config.update_epochs, generator):
         part = batch.rollout.select(index)
-        with torch.no_grad():
-            baseline = roles.values(part)[:, 0]
-        advantages = obj.baseline_advantages(batch.returns[index], baseline)
+        predicted = roles.prompt_values(part, train=True)  # the baseline, and what the value loss fits
+        v_loss = obj.value_loss(predicted, batch.returns[index], torch.ones_like(predicted))
+        (config.value_coef * v_loss).backward()
+        advantages = obj.baseline_advantages(batch.returns[index], predicted.detach())
         if config.whiten_advantages and len(index) > 1:
             advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
         policy_loss = obj.policy_gradient_loss(roles.policy_logprobs(part, train=True), advantages, part.response_mask)
         policy_loss.backward()
-        predicted = roles.values(part, train=True)[:, 0]
-        v_loss = obj.value_loss(predicted, batch.returns[index], torch.ones_like(predicted))
-        (config.value_coef * v_loss).backward()
         stats.append({"loss/policy": policy_loss.item(), "loss/value": v_loss.item(), **step(policy_loss + v_loss)})
     return _mean(stats)
 
