@@ -332,3 +332,18 @@ def load_training_state(path: Path, *, optimizer=None, scheduler=None) -> dict:
             raise CheckpointError(f"{path}: holds no scheduler state")
         scheduler.load_state_dict(state["scheduler"])
     return {"rng": state["rng"], "extra": state["extra"]}
+
+
+def apply_learning_rates(optimizer, scheduler, rates: list[float], verbose: bool) -> None:
+    """Make the learning rates of this command line win over the ones saved in the checkpoint being resumed."""
+    old = list(scheduler.base_lrs)
+    if old == rates:
+        return
+    scheduler.base_lrs = list(rates)
+    for group, rate, factor in zip(optimizer.param_groups, rates,
+                                   [lam(scheduler.last_epoch) for lam in scheduler.lr_lambdas]):
+        group["initial_lr"], group["lr"] = rate, rate * factor
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    if verbose:
+        print(f"perlhf: resuming with learning rate(s) {', '.join(f'{r:g}' for r in rates)} "
+              f"(the checkpoint was trained with {', '.join(f'{r:g}' for r in old)})")

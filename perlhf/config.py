@@ -107,7 +107,7 @@ def build(cls: type[T], args: argparse.Namespace | None = None, **overrides: Any
         unknown = sorted(set(loaded) - names)
         if unknown:
             raise ConfigError(f"--config {yaml_path}: unknown option(s) {', '.join(unknown)}")
-        values.update(loaded)
+        values.update({key: _coerce(cls, key, value, yaml_path) for key, value in loaded.items()})
     if args is not None:
         values.update({k: v for k, v in vars(args).items() if k in names})
     values.update(overrides)
@@ -125,6 +125,58 @@ def check(condition: bool, name: str, message: str) -> None:
     """Raise ConfigError naming the flag when a condition on a config value fails."""
     if not condition:
         raise ConfigError(f"{flag(name)}: {message}")
+
+
+DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+
+
+def check_dtype(value: str | None) -> None:
+    check(value is None or value in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)} (got {value!r})")
+
+
+def check_scheduler(value: str) -> None:
+    from transformers.trainer_utils import SchedulerType
+
+    names = [s.value for s in SchedulerType]
+    check(value in names, "lr_scheduler_type", f"must be one of {', '.join(names)} (got {value!r})")
+
+
+def _coerce(cls: type, name: str, value: Any, path: str) -> Any:
+    """A YAML value converted to the field's type, as the flag's argparse type would; ConfigError if it cannot be."""
+    annotation = typing.get_type_hints(cls)[name]
+    scalar, is_list = _base_type(annotation)
+    optional = type(None) in typing.get_args(annotation)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"--config {path}: {name}: a value is required")
+
+    def one(item: Any) -> Any:
+        if scalar is bool:
+            return item if isinstance(item, bool) else _parse_bool(str(item))
+        if scalar is int:
+            if isinstance(item, bool) or (isinstance(item, float) and not item.is_integer()):
+                raise ValueError
+            return int(item)
+        if scalar is float:
+            if isinstance(item, bool):
+                raise ValueError
+            return float(item)
+        if scalar is dict:
+            if not isinstance(item, dict):
+                raise ValueError
+            return {str(k): str(v) for k, v in item.items()}
+        if isinstance(item, (dict, list)):
+            raise ValueError
+        return str(item)
+
+    try:
+        if is_list:
+            return [one(item) for item in (value if isinstance(value, list) else [value])]
+        return one(value)
+    except (ValueError, TypeError, argparse.ArgumentTypeError):
+        kind = "a mapping" if scalar is dict else f"{'a list of ' if is_list else ''}{scalar.__name__}"
+        raise ConfigError(f"--config {path}: {name}: expected {kind}, got {value!r}") from None
 
 
 def to_dict(config: Any) -> dict[str, Any]:

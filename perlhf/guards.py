@@ -156,6 +156,12 @@ class NonFiniteGuard:
         self.skipped = 0
         self.in_row = 0
 
+    def state_dict(self) -> dict:
+        return {"skipped": self.skipped, "in_row": self.in_row}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.skipped, self.in_row = int(state.get("skipped", 0)), int(state.get("in_row", 0))
+
     def step_ok(self, loss: torch.Tensor, parameters: Iterable[torch.nn.Parameter], step: int) -> bool:
         loss_bad = not bool(torch.isfinite(torch.as_tensor(loss).detach()).all())
         grads = [p.grad for p in parameters if p.grad is not None]

@@ -27,9 +27,12 @@ class MetricsLogger:
         self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"), purge_step=start_step or None)
         # A resumed run keeps the records up to its checkpoint and drops those logged after it.
         if self.path.exists():
+            from perlhf.guards import writing
+
             kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= start_step]
-            self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+                    if _step_of(line) is not None and _step_of(line) <= start_step]
+            with writing(self.path):
+                self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
     def log(self, step: int, metrics: dict[str, float], show: tuple[str, ...] = ()) -> None:
         if not self.enabled:
@@ -37,7 +40,9 @@ class MetricsLogger:
         clean = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
         for name, value in clean.items():
             self.writer.add_scalar(name, value, step)
-        with self.path.open("a", encoding="utf-8") as handle:
+        from perlhf.guards import writing
+
+        with writing(self.path), self.path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps({"step": step, **clean}) + "\n")
         if show:
             self.bar.set_postfix({k.split("/")[-1]: f"{clean[k]:.4g}" for k in show if k in clean}, refresh=False)
@@ -50,6 +55,14 @@ class MetricsLogger:
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()
+
+
+def _step_of(line: str) -> int | None:
+    """The step of one metrics.jsonl line; None for a blank line or the half-written last line a crash can leave."""
+    try:
+        return int(json.loads(line).get("step", 0)) if line.strip() else None
+    except (ValueError, AttributeError):
+        return None
 
 
 def peak_memory_mb(device: torch.device | str) -> float:

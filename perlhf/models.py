@@ -155,6 +155,13 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=None if allow_pickle else True
         )
+    except ValueError as err:
+        if not trust_remote_code and "trust_remote_code" in str(err):
+            raise ModelLoadError(
+                f"--model {name!r} comes with its own model code, which perlhf does not run unless you pass "
+                "--trust-remote-code (only if you trust the source)."
+            ) from None
+        raise
     except OSError as err:
         if not allow_pickle and "safetensors" in str(err).lower():
             raise ModelLoadError(

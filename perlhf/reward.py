@@ -85,6 +85,12 @@ class RewardConfig:
         check(self.eval_steps >= 0 and self.save_steps >= 1 and self.logging_steps >= 1, "save_steps",
               "--eval-steps must be >= 0, --save-steps and --logging-steps >= 1")
         check(self.margin >= 0, "margin", "must be >= 0")
+        check(self.max_grad_norm > 0, "max_grad_norm", f"must be > 0 (got {self.max_grad_norm})")
+        check(0 <= self.warmup_ratio <= 1, "warmup_ratio", f"must be in [0, 1] (got {self.warmup_ratio})")
+        check(self.weight_decay >= 0, "weight_decay", f"must be >= 0 (got {self.weight_decay})")
+        check(self.limit is None or self.limit >= 1, "limit", f"must be >= 1 (got {self.limit})")
+        cfg.check_dtype(self.dtype)
+        cfg.check_scheduler(self.lr_scheduler_type)
 
     @property
     def lr(self) -> float:
@@ -396,8 +402,8 @@ def train_reward_model(config: RewardConfig) -> dict:
     from accelerate import Accelerator
     from transformers import get_scheduler
 
-    from perlhf.checkpoint import (CheckpointManager, capture_rng_state, load_training_state, restore_rng_state,
-                                   save_training_state)
+    from perlhf.checkpoint import (CheckpointManager, apply_learning_rates, capture_rng_state, load_training_state,
+                                   restore_rng_state, save_training_state)
     from perlhf.guards import NonFiniteGuard, StopRequest, prepare_run_dir, writing
     from perlhf.metrics import MetricsLogger, peak_memory_mb
     from perlhf.models import load_model
@@ -442,6 +448,7 @@ def train_reward_model(config: RewardConfig) -> dict:
         state = load_training_state(latest.path / "training_state.pt", optimizer=optimizer, scheduler=scheduler)
         restore_rng_state(state["rng"])
         start_step, best = latest.step, latest.meta.get("best", best)
+        apply_learning_rates(optimizer, scheduler, [config.lr], main)
         if main:
             print(f"perlhf: resuming {run_dir} from step {start_step} ({latest.path.name}); "
                   "pass --overwrite-output-dir to start over")
@@ -470,11 +477,14 @@ def train_reward_model(config: RewardConfig) -> dict:
 
         if main:
             with writing(run_dir):
-                checkpoints.save(step, write, {"best": best, "micro_batches": step * config.gradient_accumulation_steps})
+                checkpoints.save(step, write, {"best": best, "micro_batches": step * config.gradient_accumulation_steps,
+                                               "guard": guard.state_dict()})
         accelerator.wait_for_everyone()
 
     logger = MetricsLogger(run_dir, config.max_steps, start_step, enabled=main, description="reward model")
     guard = NonFiniteGuard(max_in_row=3)
+    if latest is not None:
+        guard.load_state_dict(latest.meta.get("guard", {}))
     tokens_seen, started = 0, time.perf_counter()
     step, last_eval = start_step, None
     with StopRequest() as stop:

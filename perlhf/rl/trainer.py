@@ -101,6 +101,17 @@ class RLConfig:
         check(self.temperature > 0, "temperature", "must be > 0")
         check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
         check(self.save_steps >= 1 and self.save_total_limit >= 1, "save_steps", "--save-steps and --save-total-limit must be >= 1")
+        check(self.lora_alpha > 0, "lora_alpha", f"must be > 0 (got {self.lora_alpha})")
+        check(self.max_grad_norm > 0, "max_grad_norm", f"must be > 0 (got {self.max_grad_norm})")
+        check(self.clip_range > 0, "clip_range", f"must be > 0 (got {self.clip_range})")
+        check(self.value_clip_range > 0, "value_clip_range", f"must be > 0 (got {self.value_clip_range})")
+        check(0 <= self.gamma <= 1, "gamma", f"must be in [0, 1] (got {self.gamma})")
+        check(0 <= self.lam <= 1, "lam", f"must be in [0, 1] (got {self.lam})")
+        check(self.value_coef >= 0, "value_coef", f"must be >= 0 (got {self.value_coef})")
+        check(self.kl_horizon >= 1, "kl_horizon", f"must be >= 1 (got {self.kl_horizon})")
+        check(self.limit is None or self.limit >= 1, "limit", f"must be >= 1 (got {self.limit})")
+        cfg.check_dtype(self.dtype)
+        cfg.check_scheduler(self.lr_scheduler_type)
 
     @property
     def uses_value(self) -> bool:
@@ -286,8 +297,8 @@ def train_policy(config: RLConfig) -> dict:
     from accelerate import Accelerator
     from transformers import get_scheduler
 
-    from perlhf.checkpoint import (CheckpointManager, capture_rng_state, load_training_state, restore_rng_state,
-                                   save_training_state)
+    from perlhf.checkpoint import (CheckpointManager, apply_learning_rates, capture_rng_state, load_training_state,
+                                   restore_rng_state, save_training_state)
     from perlhf.data import load_prompts
     from perlhf.guards import NonFiniteGuard, StopRequest, prepare_run_dir, writing
     from perlhf.metrics import MetricsLogger, peak_memory_mb
@@ -308,6 +319,9 @@ def train_policy(config: RLConfig) -> dict:
     prompts, report = load_prompts(config.prompts, column=config.prompt_column,
                                    rejects_path=run_dir / "rejects-prompts.jsonl" if main else None, limit=config.limit)
     encoded, cut = encode_prompts(tokenizer, prompts, config.max_prompt_length)
+    if len(encoded) < config.batch_size * world:
+        raise cfg.ConfigError(f"--batch-size: {config.batch_size * world} prompts per iteration across {world} "
+                              f"process(es) is more than the {len(encoded)} prompts")
     if main:
         print(f"perlhf: prompts: {report.summary()}; {cut} cut to --max-prompt-length {config.max_prompt_length}")
     roles = Roles(config, loaded, verbose=main)
@@ -339,6 +353,7 @@ def train_policy(config: RLConfig) -> dict:
         state = load_training_state(latest.path / "training_state.pt", optimizer=optimizer, scheduler=scheduler)
         restore_rng_state(state["rng"][accelerator.process_index] if isinstance(state["rng"], list) else state["rng"])
         kl_control.load_state_dict(latest.meta["kl_controller"])
+        apply_learning_rates(optimizer, scheduler, [config.learning_rate, config.value_learning_rate][:len(groups)], main)
         start = latest.step
         if main:
             print(f"perlhf: resuming {run_dir} from iteration {start}; pass --overwrite-output-dir to start over")
@@ -354,11 +369,13 @@ def train_policy(config: RLConfig) -> dict:
 
         if main:
             with writing(run_dir):
-                checkpoints.save(iteration, write, {"kl_controller": kl_control.state_dict(),
+                checkpoints.save(iteration, write, {"kl_controller": kl_control.state_dict(), "guard": guard.state_dict(),
                                                     "prompts_seen": iteration * config.batch_size * world})
         accelerator.wait_for_everyone()
 
     guard = NonFiniteGuard(max_in_row=3)
+    if latest is not None:
+        guard.load_state_dict(latest.meta.get("guard", {}))
     all_params = policy_params + value_params
 
     def optimizer_step(loss: torch.Tensor) -> dict:
