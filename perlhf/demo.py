@@ -93,11 +93,10 @@ class DemoConfig:
     dtype: str | None = field(None, "default: bf16 on CUDA, fp32 on CPU")
 
     def sizes(self) -> dict:
+        # Sized for a 2-core CPU: the full demo in about 15 minutes, --quick in about 5.
         if self.quick:
-            return {"rm_prompts": 40, "eval_prompts": 16, "pair_tokens": 40, "rm_steps": 15, "rl_steps": 6,
-                    "rl_batch": 8, "rl_tokens": 40}
-        return {"rm_prompts": 100, "eval_prompts": 48, "pair_tokens": 40, "rm_steps": 50, "rl_steps": 24,
-                "rl_batch": 8, "rl_tokens": 40}
+            return {"rm_prompts": 32, "eval_prompts": 12, "new_tokens": 32, "rm_steps": 8, "rl_steps": 3, "rl_batch": 8}
+        return {"rm_prompts": 96, "eval_prompts": 48, "new_tokens": 40, "rm_steps": 20, "rl_steps": 12, "rl_batch": 8}
 
 
 def sample_preference_pairs(config: DemoConfig, prompts: list[str], path: Path, max_new_tokens: int) -> dict:
@@ -112,12 +111,12 @@ def sample_preference_pairs(config: DemoConfig, prompts: list[str], path: Path, 
     kept, ties = 0, 0
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as handle:
-        for start in range(0, len(encoded), 16):
-            batch = encoded[start:start + 16]
+        for start in range(0, len(encoded), 24):  # 48 sequences a batch: per-step overhead dominates on CPU
+            batch = encoded[start:start + 24]
             doubled = [ids for ids in batch for _ in (0, 1)]
             rollout = generate(loaded.model, loaded.tokenizer, doubled, max_new_tokens, temperature=1.0, top_p=0.95)
             texts = loaded.tokenizer.batch_decode(prompt_and_response_lists(rollout)[1], skip_special_tokens=True)
-            for j, prompt in enumerate(messages[start:start + 16]):
+            for j, prompt in enumerate(messages[start:start + 24]):
                 a, b = texts[2 * j].strip(), texts[2 * j + 1].strip()
                 ga, gb = gold_preference(prompt, a), gold_preference(prompt, b)
                 if ga == gb:
@@ -126,7 +125,7 @@ def sample_preference_pairs(config: DemoConfig, prompts: list[str], path: Path, 
                 chosen, rejected = (a, b) if ga > gb else (b, a)
                 handle.write(json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected}) + "\n")
                 kept += 1
-            print(f"perlhf: demo pairs {min(start + 16, len(encoded))}/{len(encoded)} prompts sampled", flush=True)
+            print(f"perlhf: demo pairs {min(start + 24, len(encoded))}/{len(encoded)} prompts sampled", flush=True)
     return {"pairs": kept, "ties_skipped": ties}
 
 
@@ -164,7 +163,7 @@ def run_demo(config: DemoConfig) -> dict:
     pairs_path = data / "pairs.jsonl"
     pair_stats = json.loads((data / "pairs.json").read_text()) if (data / "pairs.json").exists() else None
     if pair_stats is None:
-        pair_stats = sample_preference_pairs(config, rm_prompts, pairs_path, sizes["pair_tokens"])
+        pair_stats = sample_preference_pairs(config, rm_prompts, pairs_path, sizes["new_tokens"])
         (data / "pairs.json").write_text(json.dumps(pair_stats))
     print(f"perlhf: {pair_stats['pairs']} pairs, {pair_stats['ties_skipped']} ties skipped (the gold judge could not separate them)")
 
@@ -179,14 +178,14 @@ def run_demo(config: DemoConfig) -> dict:
     train_policy(RLConfig(
         model=config.model, reward_model=str(run / "reward_model"), prompts=str(data / "rl_prompts.jsonl"),
         algorithm=config.algorithm, output_dir=str(run / "policy_run"), max_steps=sizes["rl_steps"],
-        batch_size=sizes["rl_batch"], max_new_tokens=sizes["rl_tokens"], learning_rate=2e-4,
+        batch_size=sizes["rl_batch"], max_new_tokens=sizes["new_tokens"], learning_rate=2e-4,
         value_learning_rate=2e-4, kl_coef=0.05, save_steps=max(2, sizes["rl_steps"] // 3), seed=config.seed,
         device=config.device, dtype=config.dtype))
 
     stage("4/5 evaluating the policy against the anchor on held-out prompts")
     evaluation = evaluate_policy(EvalConfig(
         policy=str(run / "policy_run"), prompts=str(data / "eval_prompts.jsonl"), judges=["gold"],
-        num_prompts=n_eval, max_new_tokens=sizes["rl_tokens"], output_dir=str(run), device=config.device,
+        num_prompts=n_eval, max_new_tokens=sizes["new_tokens"], output_dir=str(run), device=config.device,
         dtype=config.dtype, seed=config.seed + 1))
     evaluation["reward_model_accuracy"] = rm["final"].get("eval/accuracy")
     print(describe(evaluation))

@@ -1,0 +1,43 @@
+"""The demo pipeline end to end on a tiny model, and the simulated human's preference by hand."""
+
+import json
+
+import pytest
+
+from conftest import save_tiny_model
+from perlhf.demo import DemoConfig, demo_prompts, gold_preference, run_demo
+
+
+def test_gold_preference_by_hand():
+    prompt = [{"role": "user", "content": "How can I cook rice?"}]
+    # finished (+1), 5 words (no length penalty), uses 'cook' and 'rice' (2 of 2 topic words: +1)
+    assert gold_preference(prompt, "Rinse rice, then cook it.") == pytest.approx(2.0)
+    # cut off: no +1; on-topic half (rice only)
+    assert gold_preference(prompt, "Rice is a grain that") == pytest.approx(0.5)
+    # 40 words, finished, off-topic: 1 - 0.04 * 10
+    assert gold_preference(prompt, " ".join(["word"] * 40) + ".") == pytest.approx(0.6)
+    assert gold_preference(prompt, "Shut up, rice is stupid.") == pytest.approx(1 + 0.5 - 2)
+    assert gold_preference(prompt, "   ") == -2.0
+
+
+def test_demo_prompts_are_ours_and_distinct():
+    prompts = demo_prompts()
+    assert len(prompts) == len(set(prompts)) >= 200
+
+
+def test_demo_runs_every_stage_on_a_tiny_model(tmp_path, tiny_tokenizer, monkeypatch):
+    import perlhf.demo
+
+    # A random tiny model writes random bytes, which the gold judge mostly scores as ties; a judge that
+    # separates any two texts keeps enough pairs to exercise every stage (the gold judge is tested above).
+    monkeypatch.setattr(perlhf.demo, "gold_preference", lambda prompt, response: len(response.strip()))
+    model = save_tiny_model("llama", tmp_path / "tiny", tiny_tokenizer)
+    run = tmp_path / "demo"
+    evaluation = run_demo(DemoConfig(model=model, quick=True, output_dir=str(run), device="cpu"))
+    assert set(evaluation["judges"]) == {"reward_model", "gold"}
+    assert 0.0 <= evaluation["judges"]["gold"]["win_rate"] <= 1.0
+    assert (run / "report" / "index.html").exists() and (run / "report" / "win_rate.png").exists()
+    assert (run / "export" / "policy_adapter" / "adapter_model.safetensors").exists()
+    assert (run / "export" / "reward_adapter" / "adapter_model.safetensors").exists()
+    saved = json.loads((run / "evaluation.json").read_text())
+    assert saved["reward_model_accuracy"] is not None and saved["prompts"] == 12
