@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from perlhf.rl.objectives import (AdaptiveKLController, FixedKLController, entropy_from_logits, gae, kl_per_token,
+from perlhf.rl.objectives import (AdaptiveKLController, FixedKLController, entropy_from_logprobs, gae, kl_per_token,
                                   masked_mean, policy_gradient_loss, ppo_policy_loss, rloo_advantages,
                                   sequence_returns, token_rewards, value_loss)
 
@@ -101,5 +101,7 @@ def test_value_loss_by_hand():
 
 
 def test_entropy_and_masked_mean():
-    close(entropy_from_logits(torch.zeros(1, 4)), [math.log(4)])
+    close(entropy_from_logprobs(torch.log_softmax(torch.zeros(1, 4), dim=-1)), [math.log(4)])
+    # a certain next token has zero entropy
+    close(entropy_from_logprobs(torch.log_softmax(torch.tensor([[0.0, -1e4]]), dim=-1)), [0.0])
     assert masked_mean(torch.tensor([1.0, 3.0, 100.0]), torch.tensor([1.0, 1.0, 0.0])).item() == pytest.approx(2.0)

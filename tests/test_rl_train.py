@@ -132,3 +132,4 @@ def test_prompt_value_equals_the_value_before_the_first_response_token(tiny_toke
     rollout = generate(model, tiny_tokenizer, prompts, 4, do_sample=False)
     with torch.no_grad():
         assert torch.allclose(prompt_values(model, head, rollout), response_values(model, head, rollout)[:, 0], atol=1e-5)
+

@@ -156,7 +156,6 @@ def value_loss(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, 
     return 0.5 * masked_mean(loss, mask)
 
 
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of the next-token distribution at each position."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
+def entropy_from_logprobs(logp: torch.Tensor) -> torch.Tensor:
+    """Entropy of the next-token distribution at each position, from its log-probabilities [..., V]."""
     return -(logp.exp() * logp).sum(-1)

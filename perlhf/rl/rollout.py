@@ -12,7 +12,7 @@ import torch
 from transformers import GenerationConfig
 
 from perlhf.backbone import Backbone, transformer_body
-from perlhf.rl.objectives import entropy_from_logits
+from perlhf.rl.objectives import entropy_from_logprobs
 
 
 @dataclass
@@ -117,11 +117,10 @@ def response_logprobs(model, rollout: Rollout, with_entropy: bool = False):
     start = rollout.prompt_ids.size(1)
     states = hidden[:, start - 1:-1]  # the state before each response token
     base = model.get_base_model() if isinstance(model, PeftModel) else model
-    logits = base.get_output_embeddings()(states).float()
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, rollout.response_ids.unsqueeze(-1)).squeeze(-1)
-    logp = logp * rollout.response_mask
+    all_logp = torch.log_softmax(base.get_output_embeddings()(states).float(), dim=-1)  # once: [B, T, vocab]
+    logp = all_logp.gather(-1, rollout.response_ids.unsqueeze(-1)).squeeze(-1) * rollout.response_mask
     if with_entropy:
-        return logp, entropy_from_logits(logits)
+        return logp, entropy_from_logprobs(all_logp)
     return logp
 
 
