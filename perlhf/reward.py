@@ -457,7 +457,7 @@ def train_reward_model(config: RewardConfig) -> dict:
 
     world = accelerator.num_processes
     global_batch = config.per_device_train_batch_size * world
-    lengths = [len(e.chosen) + len(e.rejected or []) for e in train]
+    lengths = [max(len(e.chosen), len(e.rejected or [])) for e in train]  # chosen and rejected pad to the longer
     batches_per_epoch = len(train) // global_batch
     if batches_per_epoch == 0:
         raise cfg.ConfigError(f"--per-device-train-batch-size: {global_batch} examples per step across "
