@@ -38,7 +38,6 @@ import datetime as dt
 import hashlib
 import json
 import os
-import platform
 import random
 import shlex
 import shutil
@@ -47,8 +46,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
+
+from _common import cpu_seconds, machine, versions
 
 ROOT = Path(__file__).resolve().parents[1]
 HH_PAIRS = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless" / "pairs.jsonl.gz"
@@ -71,25 +71,15 @@ def _sync(device: str) -> None:
 
 
 def _peak_mb(device: str) -> float:
-    """Peak memory of this process so far, as perlhf's metrics measure it: ru_maxrss on CPU, max allocated on CUDA."""
-    import resource
+    """Peak memory of this process so far, measured as perlhf's metrics measure it."""
+    from perlhf.metrics import peak_memory_mb
 
-    import torch
-
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    return peak_memory_mb(device)
 
 
 def _status_mb(field: str) -> float:
     return next(int(line.split()[1]) / 1024 for line in Path("/proc/self/status").read_text().splitlines()
                 if line.startswith(field + ":"))
-
-
-def _cpu_seconds() -> float:
-    """CPU time of this process (all threads): less sensitive than wall time to other jobs on a shared machine."""
-    times = os.times()
-    return times.user + times.system
 
 
 class Marks:
@@ -105,7 +95,7 @@ class Marks:
 
     def step_end(self) -> None:
         _sync(self.device)
-        self.rows.append((time.perf_counter(), _cpu_seconds(), int(self.tokens), self.padded, _peak_mb(self.device)))
+        self.rows.append((time.perf_counter(), cpu_seconds(), int(self.tokens), self.padded, _peak_mb(self.device)))
         self.tokens, self.padded = 0, 0
 
     def figures(self) -> dict:
@@ -315,30 +305,6 @@ def spawn(name: str, tag: str, spec: dict, work: Path, log) -> dict:
     if "tokens_per_second" in result:  # compute spent, pad positions included: separates batching from engine speed
         result["padded_tokens_per_second"] = result["tokens_per_second"] / (1 - result["padding_fraction"])
     return {**result, "wall_seconds": time.perf_counter() - started}
-
-
-def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)),
-            "platform": platform.platform(), "python": platform.python_version()}
-    try:
-        gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=10).stdout.strip()
-        info["gpu"] = gpu or None
-    except (OSError, subprocess.SubprocessError):
-        info["gpu"] = None
-    return info
-
-
-def versions() -> dict:
-    out = {}
-    for name in ("perlhf", "torch", "transformers", "peft", "accelerate", "trl", "datasets"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
 
 
 def ratios(results: dict, speed_key: str = "tokens_per_second") -> dict:

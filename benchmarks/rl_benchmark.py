@@ -62,7 +62,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import shlex
 import shutil
 import statistics
@@ -70,8 +69,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
+
+from _common import cpu_seconds, machine, versions
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # perlhf.models.DEFAULT_MODEL; the parent imports no perlhf
@@ -105,11 +105,6 @@ def _rss_mb(field: str = "VmRSS") -> float:
     return float("nan")
 
 
-def _cpu_seconds() -> float:
-    times = os.times()
-    return times.user + times.system
-
-
 class Marks:
     """Timestamps, CPU time and peak memory at the end of every iteration, and the memory milestones before."""
 
@@ -125,13 +120,9 @@ class Marks:
             torch.cuda.synchronize()
 
     def peak_mb(self) -> float:
-        import resource
+        from perlhf.metrics import peak_memory_mb  # the measure perlhf's own metrics report
 
-        if self.device.startswith("cuda"):
-            import torch
-
-            return torch.cuda.max_memory_allocated() / 2**20
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+        return peak_memory_mb(self.device)
 
     def current_mb(self) -> float:
         if self.device.startswith("cuda"):
@@ -150,11 +141,11 @@ class Marks:
     def timed(self, name: str, fn, *args, **kwargs):
         """Run fn, adding its wall and CPU seconds to phase `name` of the current iteration."""
         self._sync()
-        wall, cpu = time.perf_counter(), _cpu_seconds()
+        wall, cpu = time.perf_counter(), cpu_seconds()
         out = fn(*args, **kwargs)
         self._sync()
         previous = self._phase.get(name, (0.0, 0.0))
-        self._phase[name] = (previous[0] + time.perf_counter() - wall, previous[1] + _cpu_seconds() - cpu)
+        self._phase[name] = (previous[0] + time.perf_counter() - wall, previous[1] + cpu_seconds() - cpu)
         return out
 
     def step_end(self) -> None:
@@ -162,7 +153,7 @@ class Marks:
 
         self._sync()
         usage = resource.getrusage(resource.RUSAGE_SELF)
-        self.rows.append((time.perf_counter(), _cpu_seconds(), self.peak_mb(), usage.ru_majflt, usage.ru_nivcsw))
+        self.rows.append((time.perf_counter(), cpu_seconds(), self.peak_mb(), usage.ru_majflt, usage.ru_nivcsw))
         self.phases.append(self._phase)
         self._phase = {}
 
@@ -540,29 +531,6 @@ def spawn(name: str, tag: str, spec: dict, work: Path, env: dict, log) -> dict:
         f"{result['major_page_faults_per_iteration']:.0f} major faults and "
         f"{result['involuntary_switches_per_iteration']:.0f} preemptions per iteration)")
     return result
-
-
-def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)),
-            "platform": platform.platform(), "python": platform.python_version()}
-    try:
-        info["gpu"] = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                                     text=True, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        info["gpu"] = None
-    return info
-
-
-def versions() -> dict:
-    out = {}
-    for name in ("perlhf", "torch", "transformers", "peft", "accelerate", "trl", "datasets"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
 
 
 def ratios(summary: dict, metric_override: str | None = None) -> dict:
