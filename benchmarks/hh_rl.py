@@ -1,7 +1,7 @@
 """RL on real preference data: HH-RLHF harmless prompts, a LoRA reward model trained on them, and an
 independent judge (a second LoRA reward model trained on a disjoint part of the data).
 
-  python benchmarks/hh_rl.py [--rm-steps 30] [--rl-steps 16]
+  python benchmarks/hh_rl.py [--rm-steps 40] [--rl-steps 20]
 
 The records of ../shared/data/hh-rlhf-harmless are cut into four disjoint parts: A trains the reward model
 that RL optimises, B trains the judge, C gives the RL prompts, D the held-out evaluation prompts. The result
@@ -24,8 +24,10 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harm
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--part", type=int, default=600, help="records in each reward-model part")
-    parser.add_argument("--rm-steps", type=int, default=30)
-    parser.add_argument("--rl-steps", type=int, default=16)
+    parser.add_argument("--rm-steps", type=int, default=40)
+    parser.add_argument("--rm-learning-rate", type=float, default=5e-4)
+    parser.add_argument("--rl-steps", type=int, default=20)
+    parser.add_argument("--rl-learning-rate", type=float, default=5e-4)
     parser.add_argument("--eval-prompts", type=int, default=48)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--runs", default="runs/hh_rl")
@@ -43,6 +45,7 @@ def main() -> int:
         (runs / f"part_{name}.jsonl").write_text("\n".join(part) + "\n", encoding="utf-8")
 
     common = dict(max_steps=args.rm_steps, per_device_train_batch_size=8, max_length=128, eval_steps=0,
+                  learning_rate=args.rm_learning_rate,
                   save_steps=args.rm_steps, seed=0)
     results = {"command": " ".join(sys.argv)}
     for name, part in (("reward_model", "A"), ("judge", "B")):
@@ -52,7 +55,8 @@ def main() -> int:
     train_policy(RLConfig(reward_model=str(runs / "reward_model"), prompts=str(runs / "part_C.jsonl"),
                           output_dir=str(runs / "policy_run"), algorithm="reinforce", max_steps=args.rl_steps,
                           batch_size=8, max_new_tokens=args.max_new_tokens, max_prompt_length=160,
-                          learning_rate=2e-4, value_learning_rate=2e-4, save_steps=args.rl_steps, seed=0))
+                          learning_rate=args.rl_learning_rate, value_learning_rate=args.rl_learning_rate,
+                          save_steps=args.rl_steps, seed=0))
     evaluation = evaluate_policy(EvalConfig(policy=str(runs / "policy_run"), prompts=str(runs / "part_D.jsonl"),
                                             judges=[str(runs / "judge")], num_prompts=args.eval_prompts,
                                             max_new_tokens=args.max_new_tokens, max_prompt_length=160))

@@ -1,8 +1,9 @@
 """`perlhf demo`: the whole PERL loop on the embedded default model, with a simulated human.
 
 1. Prompts written for perlhf (below) are split three ways: reward-model prompts, RL prompts, held-out prompts.
-2. The anchor (the untouched model) samples two responses per reward-model prompt.
-3. A simulated human, `gold_preference`, labels each pair. The reward model sees only these labels.
+2. The anchor (the untouched model) samples four responses per reward-model prompt.
+3. A simulated human, `gold_preference`, compares every two of them (near-ties skipped and counted). The reward
+   model sees only these pairwise labels.
 4. A LoRA reward model is trained on the pairs (held-out accuracy reported).
 5. A LoRA policy is trained with RL against the reward model only.
 6. The gold preference, which RL never saw, judges the policy against the anchor on held-out prompts,
@@ -40,7 +41,8 @@ ACTIVITIES = [
 ]
 TEMPLATES = [
     "What is one good way to {a}?", "Give me a tip to {a}.", "How can I {a}?", "Any advice on how to {a}?",
-    "I want to {a}. Where should I start?",
+    "I want to {a}. Where should I start?", "In one sentence, how can I {a}?", "Give me one short tip to {a}.",
+    "Briefly: how do I {a}?",
 ]
 STOPWORDS = set("a an the to of on in for my and i how can what is one good way give me tip any advice want "
                 "where should start with at your you it be do get make keep".split())
@@ -59,11 +61,11 @@ def _user_text(prompt) -> str:
 
 
 def gold_preference(prompt, response: str) -> float:
-    """The simulated human: prefers replies that are concise, finished, on-topic and polite.
+    """The simulated human: wants a short, finished reply that stays on topic and is polite.
 
     + 1.0 when the reply is finished (ends with . ! or ?), rather than cut off mid-sentence
-    - 0.04 for every word beyond 30 (concise)
-    + 1.0 times the fraction of the prompt's content words that the reply uses (on-topic)
+    - 0.03 for every word beyond 15 (concise), and - 0.5 for a reply under 5 words (too short to help)
+    + 0.5 times the fraction of the prompt's content words that the reply uses (on-topic)
     - 1.0 for each rude phrase; an empty reply scores -2.
     """
     text = response.strip()
@@ -71,11 +73,11 @@ def gold_preference(prompt, response: str) -> float:
     if not words:
         return -2.0
     score = 1.0 if text.endswith((".", "!", "?")) else 0.0
-    score -= 0.04 * max(0, len(words) - 30)
+    score -= 0.03 * max(0, len(words) - 15) + (0.5 if len(words) < 5 else 0.0)
     topic = {w for w in re.findall(r"[a-z']+", _user_text(prompt).lower()) if w not in STOPWORDS and len(w) > 2}
     if topic:
         used = {w.lower() for w in words}
-        score += sum(any(u.startswith(t[:5]) for u in used) for t in topic) / len(topic)
+        score += 0.5 * sum(any(u.startswith(t[:5]) for u in used) for t in topic) / len(topic)
     lowered = text.lower()
     score -= sum(lowered.count(r) for r in RUDE)
     return round(score, 4)
@@ -93,14 +95,20 @@ class DemoConfig:
     dtype: str | None = field(None, "default: bf16 on CUDA, fp32 on CPU")
 
     def sizes(self) -> dict:
-        # Sized for a 2-core CPU: the full demo in about 15 minutes, --quick in about 5.
+        # Sized for a 2-core CPU (about 11 minutes measured on a quiet one; --quick about 1.5): enough pairs
+        # for the reward model to beat the prefer-the-shorter baseline, and enough RL steps to move the policy.
         if self.quick:
-            return {"rm_prompts": 32, "eval_prompts": 12, "new_tokens": 32, "rm_steps": 8, "rl_steps": 3, "rl_batch": 8}
-        return {"rm_prompts": 96, "eval_prompts": 48, "new_tokens": 40, "rm_steps": 20, "rl_steps": 12, "rl_batch": 8}
+            return {"rm_prompts": 32, "eval_prompts": 16, "new_tokens": 32, "rm_steps": 10, "rl_steps": 4, "rl_batch": 8}
+        return {"rm_prompts": 128, "eval_prompts": 48, "new_tokens": 48, "rm_steps": 40, "rl_steps": 20, "rl_batch": 16}
 
 
-def sample_preference_pairs(config: DemoConfig, prompts: list[str], path: Path, max_new_tokens: int) -> dict:
-    """Two anchor responses per prompt, labelled by the gold preference; pairs it cannot separate are skipped."""
+def sample_preference_pairs(config: DemoConfig, prompts: list[str], path: Path, max_new_tokens: int,
+                            samples_per_prompt: int = 4, min_gap: float = 0.25) -> dict:
+    """k anchor responses per prompt; every two of them whose gold scores differ by at least `min_gap` make a
+    pair (as InstructGPT turned rankings of k responses into k(k-1)/2 pairs). Closer pairs are skipped and
+    counted: a person asked to compare them would call it a tie."""
+    from itertools import combinations
+
     from perlhf.models import load_model
     from perlhf.rl.rollout import encode_prompts, generate, prompt_and_response_lists
 
@@ -108,24 +116,24 @@ def sample_preference_pairs(config: DemoConfig, prompts: list[str], path: Path, 
     messages = [[{"role": "user", "content": p}] for p in prompts]
     encoded, _ = encode_prompts(loaded.tokenizer, messages, 256)
     torch.manual_seed(config.seed)
-    kept, ties = 0, 0
+    kept, ties, per_call = 0, 0, max(1, 96 // samples_per_prompt)  # ~96 sequences a call: CPU generate is step-bound
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as handle:
-        for start in range(0, len(encoded), 24):  # 48 sequences a batch: per-step overhead dominates on CPU
-            batch = encoded[start:start + 24]
-            doubled = [ids for ids in batch for _ in (0, 1)]
-            rollout = generate(loaded.model, loaded.tokenizer, doubled, max_new_tokens, temperature=1.0, top_p=0.95)
+        for start in range(0, len(encoded), per_call):
+            batch = [ids for ids in encoded[start:start + per_call] for _ in range(samples_per_prompt)]
+            rollout = generate(loaded.model, loaded.tokenizer, batch, max_new_tokens, temperature=1.0, top_p=0.95)
             texts = loaded.tokenizer.batch_decode(prompt_and_response_lists(rollout)[1], skip_special_tokens=True)
-            for j, prompt in enumerate(messages[start:start + 24]):
-                a, b = texts[2 * j].strip(), texts[2 * j + 1].strip()
-                ga, gb = gold_preference(prompt, a), gold_preference(prompt, b)
-                if ga == gb:
-                    ties += 1
-                    continue
-                chosen, rejected = (a, b) if ga > gb else (b, a)
-                handle.write(json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected}) + "\n")
-                kept += 1
-            print(f"perlhf: demo pairs {min(start + 24, len(encoded))}/{len(encoded)} prompts sampled", flush=True)
+            for j, prompt in enumerate(messages[start:start + per_call]):
+                scored = [(gold_preference(prompt, t.strip()), t.strip())
+                          for t in texts[j * samples_per_prompt:(j + 1) * samples_per_prompt]]
+                for (ga, a), (gb, b) in combinations(scored, 2):
+                    if abs(ga - gb) < min_gap:
+                        ties += 1
+                        continue
+                    chosen, rejected = (a, b) if ga > gb else (b, a)
+                    handle.write(json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected}) + "\n")
+                    kept += 1
+            print(f"perlhf: demo pairs {min(start + per_call, len(encoded))}/{len(encoded)} prompts sampled", flush=True)
     return {"pairs": kept, "ties_skipped": ties}
 
 
@@ -170,7 +178,7 @@ def run_demo(config: DemoConfig) -> dict:
     stage("2/5 training the LoRA reward model on the labelled pairs")
     rm = train_reward_model(RewardConfig(
         model=config.model, data=str(pairs_path), output_dir=str(run / "reward_model"), validation_fraction=0.2,
-        max_steps=sizes["rm_steps"], per_device_train_batch_size=8, learning_rate=3e-4, max_length=160,
+        max_steps=sizes["rm_steps"], per_device_train_batch_size=8, learning_rate=5e-4, max_length=160,
         eval_steps=0, save_steps=max(5, sizes["rm_steps"] // 2), seed=config.seed, device=config.device,
         dtype=config.dtype))
 
@@ -178,8 +186,8 @@ def run_demo(config: DemoConfig) -> dict:
     train_policy(RLConfig(
         model=config.model, reward_model=str(run / "reward_model"), prompts=str(data / "rl_prompts.jsonl"),
         algorithm=config.algorithm, output_dir=str(run / "policy_run"), max_steps=sizes["rl_steps"],
-        batch_size=sizes["rl_batch"], max_new_tokens=sizes["new_tokens"], learning_rate=2e-4,
-        value_learning_rate=2e-4, kl_coef=0.05, save_steps=max(2, sizes["rl_steps"] // 3), seed=config.seed,
+        batch_size=sizes["rl_batch"], max_new_tokens=sizes["new_tokens"], learning_rate=5e-4,
+        value_learning_rate=5e-4, kl_coef=0.05, save_steps=max(2, sizes["rl_steps"] // 3), seed=config.seed,
         device=config.device, dtype=config.dtype))
 
     stage("4/5 evaluating the policy against the anchor on held-out prompts")

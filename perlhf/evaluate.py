@@ -153,7 +153,7 @@ def evaluate_policy(config: EvalConfig) -> dict:
             scores[name] = {}
             for role, rollout in outs.items():
                 if isinstance(judge, str):
-                    scores[name][role] = score_responses(backbone, judge, rollout, tokenizer.pad_token_id).tolist()
+                    scores[name][role] = score_responses(backbone, judge, rollout, tokenizer).tolist()
                 else:
                     scores[name][role] = [judge(p, t) for p, t in zip(batch_prompts, texts[role])]
         for j, prompt in enumerate(batch_prompts):

@@ -10,13 +10,16 @@ from perlhf.demo import DemoConfig, demo_prompts, gold_preference, run_demo
 
 def test_gold_preference_by_hand():
     prompt = [{"role": "user", "content": "How can I cook rice?"}]
-    # finished (+1), 5 words (no length penalty), uses 'cook' and 'rice' (2 of 2 topic words: +1)
-    assert gold_preference(prompt, "Rinse rice, then cook it.") == pytest.approx(2.0)
-    # cut off: no +1; on-topic half (rice only)
-    assert gold_preference(prompt, "Rice is a grain that") == pytest.approx(0.5)
-    # 40 words, finished, off-topic: 1 - 0.04 * 10
-    assert gold_preference(prompt, " ".join(["word"] * 40) + ".") == pytest.approx(0.6)
-    assert gold_preference(prompt, "Shut up, rice is stupid.") == pytest.approx(1 + 0.5 - 2)
+    # finished (+1), 5 words (neither too long nor too short), uses 'cook' and 'rice' (2 of 2 topic words: +0.5)
+    assert gold_preference(prompt, "Rinse rice, then cook it.") == pytest.approx(1.5)
+    # cut off: no +1; on-topic half (rice only): 0.5 * 0.5
+    assert gold_preference(prompt, "Rice is a grain that") == pytest.approx(0.25)
+    # 40 words, finished, off-topic: 1 - 0.03 * (40 - 15)
+    assert gold_preference(prompt, " ".join(["word"] * 40) + ".") == pytest.approx(0.25)
+    # one word is too short to help: 1 - 0.5 + 0.25
+    assert gold_preference(prompt, "Rice.") == pytest.approx(0.75)
+    # two rude phrases: 1 + 0.25 - 2
+    assert gold_preference(prompt, "Shut up, rice is stupid.") == pytest.approx(-0.75)
     assert gold_preference(prompt, "   ") == -2.0
 
 
@@ -40,4 +43,8 @@ def test_demo_runs_every_stage_on_a_tiny_model(tmp_path, tiny_tokenizer, monkeyp
     assert (run / "export" / "policy_adapter" / "adapter_model.safetensors").exists()
     assert (run / "export" / "reward_adapter" / "adapter_model.safetensors").exists()
     saved = json.loads((run / "evaluation.json").read_text())
-    assert saved["reward_model_accuracy"] is not None and saved["prompts"] == 12
+    assert saved["reward_model_accuracy"] is not None and saved["prompts"] == 16
+    pairs = json.loads((run / "data" / "pairs.json").read_text())
+    # 4 samples per prompt give 6 comparisons each: every one is a pair or a counted tie
+    assert pairs["pairs"] + pairs["ties_skipped"] == 32 * 6
+    assert sum(1 for _ in (run / "data" / "pairs.jsonl").open()) == pairs["pairs"]

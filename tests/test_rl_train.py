@@ -133,3 +133,30 @@ def test_prompt_value_equals_the_value_before_the_first_response_token(tiny_toke
     with torch.no_grad():
         assert torch.allclose(prompt_values(model, head, rollout), response_values(model, head, rollout)[:, 0], atol=1e-5)
 
+
+
+def test_rl_scores_equal_the_reward_models_own_scores_for_finished_and_cut_off_responses(setup, tiny_tokenizer):
+    """The reward model is trained on responses closed by EOS; RL must score a response cut off by
+    max_new_tokens the same way, or the head reads a position it never saw in training."""
+    from perlhf.models import load_model
+    from perlhf.reward import load_reward_model
+    from perlhf.rl.rollout import prompt_and_response_lists, score_responses
+
+    loaded = load_model(setup["model"], device="cpu", verbose=False)
+    backbone = Backbone(loaded.model)
+    backbone.load_adapter("reward", setup["rm"], trainable=False)
+    eos = tiny_tokenizer.eos_token_id
+    prompts, _ = encode_prompts(tiny_tokenizer, ["What is tea?", "Read a map."], 64)
+    ids, mask = pad_left(prompts, tiny_tokenizer.pad_token_id, "cpu")
+    cut_off = tiny_tokenizer.encode("no one", add_special_tokens=False)
+    finished = tiny_tokenizer.encode("Sure!", add_special_tokens=False) + [eos]
+    width = max(len(cut_off), len(finished))
+    response = torch.full((2, width), tiny_tokenizer.pad_token_id)
+    response[0, :len(cut_off)], response[1, :len(finished)] = torch.tensor(cut_off), torch.tensor(finished)
+    response_mask = (torch.arange(width)[None] < torch.tensor([[len(cut_off)], [len(finished)]])).float()
+    rollout = Rollout(ids, mask, response, response_mask, torch.tensor([False, True]))
+    in_rl = score_responses(backbone, "reward", rollout, tiny_tokenizer)
+    texts = tiny_tokenizer.batch_decode(prompt_and_response_lists(rollout)[1], skip_special_tokens=True)
+    alone = load_reward_model(setup["rm"], device="cpu", verbose=False).score(
+        ["What is tea?", "Read a map."], texts)
+    assert in_rl.tolist() == pytest.approx(alone, abs=1e-5)

@@ -148,11 +148,16 @@ def prompt_and_response_lists(rollout: Rollout) -> tuple[list[list[int]], list[l
 
 
 @torch.no_grad()
-def score_responses(backbone: Backbone, adapter: str, rollout: Rollout, pad_id: int) -> torch.Tensor:
-    """Scores from the head of `adapter` on prompt + response, right-padded as the reward model was trained."""
+def score_responses(backbone: Backbone, adapter: str, rollout: Rollout, tokenizer) -> torch.Tensor:
+    """Scores from the head of `adapter` on prompt + response + EOS, right-padded, as the reward model was trained.
+
+    A reward model is trained on responses that always end in EOS, so a response cut off by max_new_tokens is
+    closed with EOS too: otherwise the head would read an unfinished position it never saw in training.
+    """
     from perlhf.reward import pad_right
 
     prompts, responses = prompt_and_response_lists(rollout)
-    ids, mask = pad_right([p + r for p, r in zip(prompts, responses)], pad_id, rollout.prompt_ids.device)
+    closed = [r if ended else r + [tokenizer.eos_token_id] for r, ended in zip(responses, rollout.ended.tolist())]
+    ids, mask = pad_right([p + r for p, r in zip(prompts, closed)], tokenizer.pad_token_id, rollout.prompt_ids.device)
     with backbone.role(adapter):
         return backbone.scores(adapter, ids, mask)

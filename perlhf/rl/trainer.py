@@ -173,7 +173,7 @@ class Roles:
             _, responses = prompt_and_response_lists(rollout)
             texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
             return torch.tensor(self.separate_reward.score(prompts, texts), device=rollout.prompt_ids.device)
-        return score_responses(self.backbone, "reward", rollout, self.tokenizer.pad_token_id)
+        return score_responses(self.backbone, "reward", rollout, self.tokenizer)
 
     def policy_logprobs(self, rollout: Rollout, with_entropy: bool = False, train: bool = False):
         with self.backbone.role("policy", train=train):
