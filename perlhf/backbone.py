@@ -69,6 +69,14 @@ def last_token_scores(hidden: torch.Tensor, head: nn.Module, attention_mask: tor
     return head(picked.to(head.weight.dtype)).squeeze(-1).float()
 
 
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute activations in backward (non-reentrant: frozen inputs need no requires_grad trick)."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name is deprecated there
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def new_head(model: nn.Module) -> nn.Linear:
     hidden = model.config.get_text_config().hidden_size
     head = nn.Linear(hidden, 1, bias=False)

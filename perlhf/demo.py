@@ -87,7 +87,7 @@ def gold_preference(prompt, response: str) -> float:
 class DemoConfig:
     model: str = field(DEFAULT_MODEL, "backbone")
     output_dir: str = field("runs/demo", "run directory")
-    quick: bool = field(False, "every stage at a smaller size: a smoke test of about 5 minutes")
+    quick: bool = field(False, "every stage at a smaller size: a smoke test (about 2 minutes on 2 cores)")
     overwrite_output_dir: bool = field(False, "start over instead of reusing finished stages")
     algorithm: str = field("reinforce", "reinforce, rloo or ppo")
     seed: int = field(0, "random seed")

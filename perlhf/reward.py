@@ -203,11 +203,11 @@ class RewardModel(nn.Module):
 
 
 def build_reward_model(config: RewardConfig, loaded) -> RewardModel:
-    from perlhf.backbone import Backbone, lora_config, new_head
+    from perlhf.backbone import Backbone, enable_gradient_checkpointing, lora_config, new_head
 
     base = loaded.model
     if config.gradient_checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(base)
         base.enable_input_require_grads()
     if config.full:
         base.requires_grad_(True)

@@ -118,6 +118,18 @@ def _tmp_saves(run_dir: Path) -> list[str]:
         return []
 
 
+def _tmp_save_ids(run_dir: Path) -> set[tuple[str, int]]:
+    """(name, inode) of each temporary save directory: a save left by an earlier killed run keeps its inode,
+    a new save of the same step gets a new one."""
+    ids = set()
+    for name in _tmp_saves(run_dir):
+        try:
+            ids.add((name, os.stat(run_dir / "checkpoints" / name).st_ino))
+        except OSError:
+            pass
+    return ids
+
+
 def _kill_at_step(argv: list[str], run_dir: Path, step: int, sig=signal.SIGKILL) -> tuple[int, str, str]:
     """Start the run and send `sig` once metrics.jsonl shows `step` (with --logging-steps 1: mid-training)."""
     child = Child(argv)
@@ -134,13 +146,14 @@ def _kill_mid_save(argv: list[str], run_dir: Path, nth: int, required: bool = Tr
 
     A save of a tiny model lasts milliseconds; on a loaded machine the poller can miss it and the run finishes.
     With required=False that is returned (exit 0) for the caller to check the finished run instead."""
+    left_before = _tmp_save_ids(run_dir)  # an earlier kill may have landed mid-save: not this run's save
     child = Child(argv)
-    seen: set[str] = set()
+    seen: set[tuple[str, int]] = set()
 
     def saving() -> bool:
-        names = _tmp_saves(run_dir)
-        seen.update(names)
-        return bool(names) and len(seen) >= nth
+        ids = _tmp_save_ids(run_dir) - left_before
+        seen.update(ids)
+        return bool(ids) and len(seen) >= nth
 
     landed = child.wait_until(saving, poll=0.0002)
     if landed:

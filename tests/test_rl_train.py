@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import make_model, save_tiny_model
-from perlhf.backbone import Backbone, lora_config
+from perlhf.backbone import Backbone, enable_gradient_checkpointing, lora_config
 from perlhf.metrics import read_metrics
 from perlhf.reward import RewardConfig, train_reward_model
 from perlhf.rl.rollout import Rollout, encode_prompts, generate, pad_left, response_logprobs
@@ -160,3 +160,52 @@ def test_rl_scores_equal_the_reward_models_own_scores_for_finished_and_cut_off_r
     alone = load_reward_model(setup["rm"], device="cpu", verbose=False).score(
         ["What is tea?", "Read a map."], texts)
     assert in_rl.tolist() == pytest.approx(alone, abs=1e-5)
+
+
+def _policy_gradients(tiny_tokenizer, checkpointing: bool, backward_in_role: bool) -> list[torch.Tensor]:
+    from types import SimpleNamespace
+
+    from perlhf.rl.trainer import Roles
+
+    model = make_model("llama", len(tiny_tokenizer))
+    backbone = Backbone.with_adapter(model, "policy", lora_config(model, 4, 8, 0.0, "attention"))
+    backbone.add_adapter("value", lora_config(model, 4, 8, 0.0, "attention"), trainable=True)
+    for name, p in backbone.model.named_parameters():
+        if "lora_B" in name:  # non-zero B in both adapters, so the active adapter changes every layer's output
+            p.data.normal_(0, 0.3)
+    if checkpointing:
+        enable_gradient_checkpointing(model)
+    roles = SimpleNamespace(backbone=backbone)
+    prompts, _ = encode_prompts(tiny_tokenizer, ["hi", "a longer prompt"], 64)
+    rollout = generate(model, tiny_tokenizer, prompts, 5, do_sample=False)
+    with backbone.role("policy", train=True):
+        loss = response_logprobs(backbone.model, rollout).sum()
+    if backward_in_role:
+        Roles.backward(roles, "policy", loss)
+    else:
+        with backbone.role("value", train=True):  # what happens if backward runs after another role's pass
+            loss.backward()
+    return [p.grad.clone() for p in backbone.trainable_parameters("policy")]
+
+
+def test_gradient_checkpointing_recomputes_under_the_role_that_ran_the_forward(tiny_tokenizer):
+    plain = _policy_gradients(tiny_tokenizer, checkpointing=False, backward_in_role=True)
+    checkpointed = _policy_gradients(tiny_tokenizer, checkpointing=True, backward_in_role=True)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, checkpointed))
+    wrong = _policy_gradients(tiny_tokenizer, checkpointing=True, backward_in_role=False)
+    assert not all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, wrong))
+
+
+@pytest.mark.parametrize("algorithm", ["reinforce", "rloo"])
+def test_reusing_the_sampling_pass_gives_the_same_update(algorithm, setup, tmp_path):
+    """REINFORCE/RLOO with gradient checkpointing reuse the sampling-time forward; without it they run a second
+    forward in the update. Both must train the same adapter."""
+    from safetensors.torch import load_file
+
+    runs = {}
+    for checkpointing in (True, False):
+        out = tmp_path / f"{algorithm}-{checkpointing}"
+        train_policy(rl_config(setup, out, algorithm=algorithm, gradient_checkpointing=checkpointing))
+        runs[checkpointing] = load_file(str(out / "policy" / "adapter_model.safetensors"))
+    assert runs[True].keys() == runs[False].keys()
+    assert all(torch.allclose(runs[True][k], runs[False][k], atol=1e-5) for k in runs[True])

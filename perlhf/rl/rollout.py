@@ -120,7 +120,8 @@ def response_logprobs(model, rollout: Rollout, with_entropy: bool = False):
     all_logp = torch.log_softmax(base.get_output_embeddings()(states).float(), dim=-1)  # once: [B, T, vocab]
     logp = all_logp.gather(-1, rollout.response_ids.unsqueeze(-1)).squeeze(-1) * rollout.response_mask
     if with_entropy:
-        return logp, entropy_from_logprobs(all_logp)
+        with torch.no_grad():  # a metric: no graph through the whole vocabulary
+            return logp, entropy_from_logprobs(all_logp)
     return logp
 
 

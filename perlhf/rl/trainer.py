@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from perlhf import config as cfg
-from perlhf.backbone import Backbone, last_token_scores, lora_config, new_head
+from perlhf.backbone import Backbone, enable_gradient_checkpointing, last_token_scores, lora_config, new_head
 from perlhf.config import check, field
 from perlhf.models import DEFAULT_MODEL
 from perlhf.rl import objectives as obj
@@ -49,6 +49,8 @@ class RLConfig:
     lora_rank: int = field(8, "policy and value LoRA rank")
     lora_alpha: float = field(16.0, "LoRA alpha")
     lora_target: str = field("attention", "attention, all-linear, or comma-separated module names")
+    gradient_checkpointing: bool = field(True, "recompute activations in backward: much less memory; for reinforce "
+                                               "and rloo in one pass it costs no time (the sampling-time pass is reused)")
     kl_coef: float = field(0.05, "KL penalty coefficient (the paper's 0.05)")
     kl_estimator: str = field("k1", "k1 or k3")
     target_kl: float | None = field(None, "adapt the KL coefficient towards this summed KL per response")
@@ -191,6 +193,12 @@ class Roles:
         with self.backbone.role("value", train=train):
             return prompt_values(self.backbone.model, self.backbone.heads["value"], rollout)
 
+    def backward(self, role: str, loss: torch.Tensor) -> None:
+        """Backward inside the role that ran the forward: gradient checkpointing recomputes each layer during
+        backward with whatever adapter is active then, so outside the role it would use the wrong adapter."""
+        with self.backbone.role(role, train=True):
+            loss.backward()
+
     def trainable(self) -> tuple[list, list]:
         value = self.backbone.trainable_parameters("value") if self.config.uses_value else []
         return self.backbone.trainable_parameters("policy"), value
@@ -218,6 +226,7 @@ class Batch:
     scores: torch.Tensor      # reward-model scores [B]
     returns: torch.Tensor     # scores - kl_coef * KL - EOS penalty [B]
     kl_coef: float            # the coefficient in force when this batch was sampled
+    live_logp: torch.Tensor | None = None  # old_logp with its graph, when the update may reuse that pass
 
 
 def minibatches(size: int, mini: int, epochs: int, generator: torch.Generator):
@@ -234,12 +243,12 @@ def update_reinforce(roles: Roles, batch: Batch, step, config: RLConfig, generat
         part = batch.rollout.select(index)
         predicted = roles.prompt_values(part, train=True)  # the baseline, and what the value loss fits
         v_loss = obj.value_loss(predicted, batch.returns[index], torch.ones_like(predicted))
-        (config.value_coef * v_loss).backward()
+        roles.backward("value", config.value_coef * v_loss)
         advantages = obj.baseline_advantages(batch.returns[index], predicted.detach())
         if config.whiten_advantages and len(index) > 1:
             advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-        policy_loss = obj.policy_gradient_loss(roles.policy_logprobs(part, train=True), advantages, part.response_mask)
-        policy_loss.backward()
+        policy_loss = obj.policy_gradient_loss(_policy_logprobs(roles, batch, index), advantages, part.response_mask)
+        roles.backward("policy", policy_loss)
         stats.append({"loss/policy": policy_loss.item(), "loss/value": v_loss.item(), **step(policy_loss + v_loss)})
     return _mean(stats)
 
@@ -252,8 +261,8 @@ def update_rloo(roles: Roles, batch: Batch, step, config: RLConfig, generator) -
     stats = []
     for index in minibatches(len(batch.returns), config.mini_batch_size or len(batch.returns), config.update_epochs, generator):
         part = batch.rollout.select(index)
-        loss = obj.policy_gradient_loss(roles.policy_logprobs(part, train=True), advantages[index], part.response_mask)
-        loss.backward()
+        loss = obj.policy_gradient_loss(_policy_logprobs(roles, batch, index), advantages[index], part.response_mask)
+        roles.backward("policy", loss)
         stats.append({"loss/policy": loss.item(), **step(loss)})
     return _mean(stats)
 
@@ -273,16 +282,31 @@ def update_ppo(roles: Roles, batch: Batch, step, config: RLConfig, generator) ->
         logp = roles.policy_logprobs(part, train=True)
         policy_loss, clip_fraction = obj.ppo_policy_loss(logp, batch.old_logp[index], advantages[index],
                                                          part.response_mask, config.clip_range)
-        policy_loss.backward()
+        roles.backward("policy", policy_loss)
         values = roles.values(part, train=True)
         v_loss = obj.value_loss(values, returns[index], part.response_mask, old_values[index], config.value_clip_range)
-        (config.value_coef * v_loss).backward()
+        roles.backward("value", config.value_coef * v_loss)
         stats.append({"loss/policy": policy_loss.item(), "loss/value": v_loss.item(),
                       "ppo/clip_fraction": clip_fraction.item(), **step(policy_loss + v_loss)})
     return _mean(stats)
 
 
 UPDATES = {"reinforce": update_reinforce, "rloo": update_rloo, "ppo": update_ppo}
+
+
+def _policy_logprobs(roles: Roles, batch: Batch, index: torch.Tensor) -> torch.Tensor:
+    if batch.live_logp is not None:  # one pass over the whole batch: the sampling-time forward is this one
+        return batch.live_logp[index]
+    return roles.policy_logprobs(batch.rollout.select(index), train=True)
+
+
+def reuses_sampling_pass(config: RLConfig) -> bool:
+    """REINFORCE and RLOO with one epoch over one mini-batch update the same weights that scored the samples,
+    so the log-probs at sampling time, kept with their graph, are the update's forward pass. That graph is small
+    only with gradient checkpointing (it lives through the reference and value passes)."""
+    rollout = config.batch_size * config.samples_per_prompt
+    return (config.gradient_checkpointing and config.algorithm in ("reinforce", "rloo") and config.update_epochs == 1
+            and (config.mini_batch_size or rollout) >= rollout)
 
 
 def _mean(rows: list[dict]) -> dict:
@@ -325,6 +349,9 @@ def train_policy(config: RLConfig) -> dict:
     if main:
         print(f"perlhf: prompts: {report.summary()}; {cut} cut to --max-prompt-length {config.max_prompt_length}")
     roles = Roles(config, loaded, verbose=main)
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(loaded.model)
+    single_pass = reuses_sampling_pass(config)
     policy_params, value_params = roles.trainable()
     groups = [{"params": policy_params, "lr": config.learning_rate}]
     if value_params:
@@ -420,15 +447,16 @@ def train_policy(config: RLConfig) -> dict:
             timings["time/score"] = time.perf_counter() - tick
 
             tick = time.perf_counter()
-            with torch.no_grad():
-                old_logp, entropy = roles.policy_logprobs(rollout, with_entropy=True)
-                ref_logp = roles.reference_logprobs(rollout)
+            with torch.set_grad_enabled(single_pass):
+                live_logp, entropy = roles.policy_logprobs(rollout, with_entropy=True, train=single_pass)
+            old_logp = live_logp.detach()
+            ref_logp = roles.reference_logprobs(rollout)
             timings["time/reference"] = time.perf_counter() - tick
 
             mask = rollout.response_mask
             kl = obj.kl_per_token(old_logp, ref_logp, config.kl_estimator) * mask
             returns = obj.sequence_returns(scores, kl, mask, kl_control.coef, rollout.ended, config.missing_eos_penalty)
-            batch = Batch(rollout, old_logp, kl, scores, returns, kl_control.coef)
+            batch = Batch(rollout, old_logp, kl, scores, returns, kl_control.coef, live_logp if single_pass else None)
 
             tick = time.perf_counter()
             update_stats = UPDATES[config.algorithm](roles, batch, optimizer_step, config, generator)
