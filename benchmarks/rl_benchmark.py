@@ -263,7 +263,7 @@ def child_perlhf(spec: dict, algorithm: str) -> dict:
         batch_size=spec["batch"] // k, samples_per_prompt=k, learning_rate=spec["lr"], value_learning_rate=spec["lr"],
         lora_rank=spec["lora_rank"], lora_alpha=spec["lora_alpha"], lora_target="attention", kl_coef=spec["kl_coef"],
         max_new_tokens=spec["max_new_tokens"], temperature=1.0, top_p=1.0, save_steps=10**9, seed=spec["seed"],
-        device=spec["device"], dtype=spec["dtype"])
+        device=spec["device"], dtype=spec["dtype"], gradient_checkpointing=spec["gradient_checkpointing"])
     summary = trainer.train_policy(config)
     if not counted.get("shared_reward"):
         raise SystemExit("perlhf loaded the reward model as a separate model: the benchmark needs it on the backbone")
@@ -415,7 +415,8 @@ def child_trl(spec: dict) -> dict:
         normalize_advantages=True,  # perlhf whitens advantages too
         learning_rate=spec["lr"], lr_scheduler_type="constant", max_grad_norm=1.0, weight_decay=0.0,
         optim="adamw_torch",  # torch.optim.AdamW, as perlhf
-        gradient_checkpointing=False, bf16=False, fp16=False,  # TRL defaults: checkpointing on, bf16 autocast on
+        # checkpointing as perlhf's (both on by default); bf16 autocast (TRL's default) off: fp32 like the others
+        gradient_checkpointing=spec["gradient_checkpointing"], bf16=False, fp16=False,
         model_init_kwargs={"dtype": dtype}, use_cpu=device == "cpu", save_strategy="no", eval_strategy="no",
         logging_steps=1, report_to="none", dataloader_num_workers=0, seed=spec["seed"], disable_dropout=True)
     lora = LoraConfig(r=spec["lora_rank"], lora_alpha=spec["lora_alpha"], lora_dropout=0.0,
@@ -556,7 +557,9 @@ def render(report: dict) -> str:
     lines = [f"{s['batch']} sequences per iteration ({s['batch']} prompts x 1 for REINFORCE, {s['batch'] // 2} x 2 for "
              f"RLOO), prompt {report['data']['prompt_tokens'][0]} tokens + exactly {s['max_new_tokens']} generated, "
              f"{s['steps']} iterations per run (iteration 1 = warm-up, not timed), LoRA r={s['lora_rank']} "
-             f"alpha={s['lora_alpha']:g} on q,k,v,o, {s['device']} {s['dtype']}, {len(rounds)} interleaved round(s); "
+             f"alpha={s['lora_alpha']:g} on q,k,v,o, perlhf gradient checkpointing "
+             f"{'on' if s.get('gradient_checkpointing', True) else 'off'} (and TRL's), {s['device']} {s['dtype']}, "
+             f"{len(rounds)} interleaved round(s); "
              "each figure is the median over rounds of each run's median, each round's value in brackets.", "",
              f"| configuration | trainable params | s / iteration | CPU-s / iteration | {unit} | RSS after imports | "
              "after setup | preemptions / major faults per iteration |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -653,6 +656,9 @@ def main() -> int:
                         help="torch (OpenMP) threads per child; 0 = torch's choice. Default 1: on a shared machine with "
                              "2 cores, 2 OpenMP threads spin at every barrier while the other core runs someone else's "
                              "job (measured here: a forward 4x slower in wall time and 4x the CPU time)")
+    parser.add_argument("--no-gradient-checkpointing", action="store_true",
+                        help="run perlhf and TRL without gradient checkpointing (both default to it; the full baseline "
+                             "never uses it)")
     parser.add_argument("--only", nargs="+", choices=CONFIGS, default=list(CONFIGS))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "rl_benchmark.json"),
                         help="JSON report; the Markdown table goes next to it (.md)")
@@ -679,7 +685,8 @@ def main() -> int:
             "max_new_tokens": args.max_new_tokens, "steps": args.steps, "lora_rank": args.lora_rank,
             "lora_alpha": args.lora_alpha, "lr": args.lr, "full_lr": args.full_lr, "kl_coef": args.kl_coef,
             "seed": 0, "device": args.device, "dtype": "bfloat16" if cuda else "float32", "threads": args.threads,
-            "reward_model": args.reward_model, "rm_steps": args.rm_steps}
+            "reward_model": args.reward_model, "rm_steps": args.rm_steps,
+            "gradient_checkpointing": not args.no_gradient_checkpointing}
 
     rounds = []
     for index in range(args.rounds):
