@@ -158,6 +158,4 @@ def value_loss(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, 
 
 def entropy_from_logprobs(logp: torch.Tensor) -> torch.Tensor:
     """Entropy of the next-token distribution at each position, from its log-probabilities [..., V]."""
-    if torch.is_grad_enabled() and logp.requires_grad:
-        return -(logp.exp() * logp).sum(-1)
-    return -logp.exp().mul_(logp).sum(-1)  # one [..., V] temporary instead of two: V is the vocabulary
+    return -(logp.exp() * logp).sum(-1)
