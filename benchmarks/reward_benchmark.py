@@ -48,7 +48,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import cpu_seconds, machine, versions
+from _common import child_env, cpu_seconds, machine, status_mb, versions, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 HH_PAIRS = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless" / "pairs.jsonl.gz"
@@ -77,11 +77,6 @@ def _peak_mb(device: str) -> float:
     return peak_memory_mb(device)
 
 
-def _status_mb(field: str) -> float:
-    return next(int(line.split()[1]) / 1024 for line in Path("/proc/self/status").read_text().splitlines()
-                if line.startswith(field + ":"))
-
-
 class Marks:
     """What the probes record at the end of every optimizer step, and the figures made from it."""
 
@@ -90,7 +85,7 @@ class Marks:
 
     def batch(self, tokens, padded: int) -> None:  # every training micro-batch, before its forward
         if self.rss_before_training is None:
-            self.rss_before_training = _status_mb("VmRSS")
+            self.rss_before_training = status_mb("VmRSS")
         self.tokens, self.padded = self.tokens + tokens, self.padded + padded
 
     def step_end(self) -> None:
@@ -119,7 +114,7 @@ class Marks:
                else "ru_maxrss", "peak_at_exit_mb": _peak_mb(self.device),
                "rss_before_training_mb": self.rss_before_training}
         if not self.device.startswith("cuda"):
-            out["vmhwm_at_exit_mb"] = _status_mb("VmHWM")  # cross-check: the kernel's high-water mark of this mm
+            out["vmhwm_at_exit_mb"] = status_mb("VmHWM")  # cross-check: the kernel's high-water mark of this mm
         return out
 
 
@@ -287,10 +282,7 @@ def spawn(name: str, tag: str, spec: dict, work: Path, log) -> dict:
     spec_path, result_path = work / f"{tag}.spec.json", work / f"{tag}.result.json"
     spec_path.write_text(json.dumps(spec))
     result_path.unlink(missing_ok=True)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error",
-           "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
-    if spec.get("threads"):
-        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(spec["threads"])
+    env = child_env(ROOT, spec.get("threads"))
     if spec.get("malloc_mmap_threshold"):  # read by glibc at process start, so it must be in the environment
         env["MALLOC_MMAP_THRESHOLD_"] = str(spec["malloc_mmap_threshold"])
     started = time.perf_counter()
@@ -437,9 +429,7 @@ def main() -> int:
     report["cpu_ratios"] = ratios(summary, "tokens_per_cpu_second")
     log("\n" + render(report))
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(report))
+    write_report(out, report, markdown(report))
     log(f"\nwrote {out} and {out.with_suffix('.md')}")
     if args.work_dir is None:
         shutil.rmtree(work, ignore_errors=True)

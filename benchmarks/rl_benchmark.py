@@ -71,7 +71,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import cpu_seconds, machine, versions
+from _common import child_env, cpu_seconds, machine, status_mb, versions, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # perlhf.models.DEFAULT_MODEL; the parent imports no perlhf
@@ -98,13 +98,6 @@ EXTRA_RATIOS = {  # reported, no goal: the other pairings
 # Children: each runs in a fresh interpreter and writes one JSON result
 
 
-def _rss_mb(field: str = "VmRSS") -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 class Marks:
     """Timestamps, CPU time and peak memory at the end of every iteration, and the memory milestones before."""
 
@@ -129,7 +122,7 @@ class Marks:
             import torch
 
             return torch.cuda.memory_allocated() / 2**20
-        return _rss_mb()
+        return status_mb()
 
     def imported(self) -> None:
         self.rss_after_imports = self.current_mb()
@@ -175,7 +168,7 @@ class Marks:
                 else "ru_maxrss", "peak_after_iteration_mb": list(peak),
                 "rss_after_imports_mb": self.rss_after_imports, "rss_after_setup_mb": self.rss_after_setup,
                 "peak_above_imports_mb": peak[-1] - (self.rss_after_imports or 0.0),
-                "vmhwm_at_exit_mb": None if self.device.startswith("cuda") else _rss_mb("VmHWM"),
+                "vmhwm_at_exit_mb": None if self.device.startswith("cuda") else status_mb("VmHWM"),
                 "torch_threads": torch.get_num_threads()}
 
 
@@ -461,14 +454,6 @@ def run_child(argv: list[str]) -> int:
 # Parent: stdlib only, so children inherit nothing large
 
 
-def child_env(threads: int | None) -> dict:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    if threads:
-        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
-    return env
-
-
 def run_logged(command: list[str], log_path: Path, env: dict, what: str) -> None:
     with open(log_path, "w") as out:
         code = subprocess.call(command, stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -674,7 +659,7 @@ def main() -> int:
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="perlhf-rl-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    env = child_env(args.threads)
+    env = child_env(ROOT, args.threads)
     load_before = os.getloadavg()
     started = time.perf_counter()
     log(f"work dir {work}")
@@ -707,9 +692,7 @@ def main() -> int:
     table = render(report)
     log("\n" + table)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(report))
+    write_report(out, report, markdown(report))
     log(f"\nwrote {out} and {out.with_suffix('.md')} ({report['total_seconds'] / 60:.1f} min)")
     if args.work_dir is None:
         shutil.rmtree(work, ignore_errors=True)
