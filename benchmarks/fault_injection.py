@@ -47,26 +47,13 @@ STRATEGIES = ("sigkill-random", "sigkill-training", "sigkill-save", "sigkill-fin
 UNSTABLE = ("time/", "perf/", "memory/")
 
 
-def env() -> dict:
-    # One thread: CPU kernels then reduce in one fixed order, so runs repeat bit for bit.
-    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-            "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-
-
 def make_inputs(root: Path) -> dict:
     """A tiny random llama, ~100 explicit preference pairs, 24 prompts."""
-    from conftest import make_tokenizer, save_tiny_model
+    from conftest import make_tokenizer, save_tiny_model, write_resume_inputs
 
     root.mkdir(parents=True, exist_ok=True)
     model = save_tiny_model("llama", root / "tiny", make_tokenizer())
-    rng = random.Random(0)
-    with open(root / "pairs.jsonl", "w", encoding="utf-8") as handle:
-        for i in range(100):
-            handle.write(json.dumps({"prompt": f"Question {i}: what is {i} plus {i}?", "chosen": f"It is {2 * i}.",
-                                     "rejected": f"Maybe {rng.randint(0, 999)} or so, I am not sure at all"}) + "\n")
-    (root / "prompts.txt").write_text("".join(f"Tell me something about the number {i}\n" for i in range(24)),
-                                      encoding="utf-8")
-    return {"model": model, "pairs": str(root / "pairs.jsonl"), "prompts": str(root / "prompts.txt")}
+    return {"model": model, **write_resume_inputs(root)}
 
 
 def rm_command(inputs: dict, out: Path, max_steps: int = 20) -> list[str]:
@@ -106,9 +93,11 @@ def _entries(directory: Path) -> list[str]:
 def run(command: list[str], out: Path, stop: str | None = None, rng: random.Random | None = None,
         delay: tuple[float, float] = (0.5, 6.0), timeout: float = 300) -> Outcome:
     """Run the command; with `stop`, deliver that fault at the moment the strategy picks."""
+    from conftest import resume_run_env  # tests/conftest.py imports torch: not at this parent's start-up
     started = time.monotonic()
     with tempfile.TemporaryFile("w+") as out_file, tempfile.TemporaryFile("w+") as err_file:
-        child = subprocess.Popen(command, stdout=out_file, stderr=err_file, env=env(), cwd=str(REPO), text=True)
+        child = subprocess.Popen(command, stdout=out_file, stderr=err_file, env=resume_run_env(REPO), cwd=str(REPO),
+                                 text=True)
         stopped = False
         try:
             if stop is not None:

@@ -77,3 +77,26 @@ def save_tiny_model(arch: str, path: Path, tokenizer) -> str:
     make_model(arch, len(tokenizer)).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+def write_resume_inputs(root: Path) -> dict:
+    """The data of the kill-and-resume runs (tests/test_faults.py, benchmarks/fault_injection.py): ~100 explicit
+    preference pairs and 24 prompts."""
+    import json
+    import random
+
+    rng = random.Random(0)
+    with open(root / "pairs.jsonl", "w", encoding="utf-8") as handle:
+        for i in range(100):
+            handle.write(json.dumps({"prompt": f"Question {i}: what is {i} plus {i}?", "chosen": f"It is {2 * i}.",
+                                     "rejected": f"Maybe {rng.randint(0, 999)} or so, I am not sure at all"}) + "\n")
+    (root / "prompts.txt").write_text("".join(f"Tell me something about the number {i}\n" for i in range(24)),
+                                      encoding="utf-8")
+    return {"pairs": str(root / "pairs.jsonl"), "prompts": str(root / "prompts.txt")}
+
+
+def resume_run_env(repo: Path) -> dict:
+    """Environment of a kill-and-resume subprocess. One thread: CPU kernels then reduce in one fixed order, so
+    runs repeat bit for bit; unbuffered, so what a killed run printed is not lost."""
+    return {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+            "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}

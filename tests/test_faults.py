@@ -25,6 +25,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import resume_run_env, write_resume_inputs
 from perlhf.checkpoint import CheckpointManager
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,11 +34,6 @@ UNSTABLE = ("time/", "perf/", "memory/")  # measure the machine, not the run
 
 # ---------------------------------------------------------------------------------------------------------------
 # Helpers
-
-
-def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-            "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
 
 @contextlib.contextmanager
@@ -66,7 +62,7 @@ class Child:
     def __init__(self, argv: list[str]):
         self.out, self.err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
         self.proc = subprocess.Popen([sys.executable, "-m", "perlhf.cli", *argv], stdout=self.out, stderr=self.err,
-                                     env=_env(), cwd=str(REPO), text=True)
+                                     env=resume_run_env(REPO), cwd=str(REPO), text=True)
         self.deadline = time.monotonic() + 240
 
     def running(self) -> bool:
@@ -207,15 +203,7 @@ RL_STEPS = 8
 @pytest.fixture(scope="module")
 def inputs(tiny_model_dir, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("fault-inputs")
-    rng = random.Random(0)
-    with open(root / "pairs.jsonl", "w", encoding="utf-8") as handle:
-        for i in range(100):
-            handle.write(json.dumps({"prompt": f"Question {i}: what is {i} plus {i}?", "chosen": f"It is {2 * i}.",
-                                     "rejected": f"Maybe {rng.randint(0, 999)} or so, I am not sure at all"}) + "\n")
-    (root / "prompts.txt").write_text("".join(f"Tell me something about the number {i}\n" for i in range(24)),
-                                      encoding="utf-8")
-    return {"model": tiny_model_dir, "pairs": str(root / "pairs.jsonl"), "prompts": str(root / "prompts.txt"),
-            "root": root}
+    return {"model": tiny_model_dir, **write_resume_inputs(root), "root": root}
 
 
 def rm_argv(inputs: dict, out: Path, *extra: str) -> list[str]:
