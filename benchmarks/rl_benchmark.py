@@ -197,7 +197,9 @@ def fixed_length_generation() -> None:
     original = rollout.GenerationConfig
 
     def generation_config(**kwargs):
-        return original(**kwargs, min_new_tokens=kwargs["max_new_tokens"])
+        if "max_new_tokens" in kwargs:
+            kwargs["min_new_tokens"] = kwargs["max_new_tokens"]
+        return original(**kwargs)
 
     rollout.GenerationConfig = generation_config
 
@@ -312,7 +314,7 @@ def child_full(spec: dict) -> dict:
     for iteration in range(spec["steps"]):
         chosen = [(iteration * batch + j) % len(encoded) for j in range(batch)]
         rollout = timed("generate", lambda: generate(policy, tokenizer, [encoded[i] for i in chosen],
-                                                     spec["max_new_tokens"], 1.0, 1.0))
+                                                     spec["max_new_tokens"], 1.0))
 
         def score():
             prompt_ids, response_ids = prompt_and_response_lists(rollout)
@@ -332,7 +334,7 @@ def child_full(spec: dict) -> dict:
         old_logp, _, ref_logp = timed("reference", reference_pass)
         mask = rollout.response_mask
         kl = obj.kl_per_token(old_logp, ref_logp, "k1") * mask
-        returns = obj.sequence_returns(scores, kl, mask, spec["kl_coef"], rollout.ended, 0.0)
+        returns = obj.sequence_returns(scores, kl, mask, spec["kl_coef"])
 
         def update():  # perlhf.rl.trainer.update_reinforce with one mini-batch = the whole rollout, one epoch
             policy.train()

@@ -22,6 +22,10 @@ from torch import nn
 HEAD_KEY = "base_model.model.score.weight"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+# What an adapter may write into the shared model: LoRA weights (DoRA's magnitude included), and the head. PEFT
+# lists "classifier" beside "score" in every sequence-classification adapter; only the score weight is read.
+LORA_WEIGHT_NAMES = {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"}
+HEAD_MODULES = {"score", "classifier"}
 
 
 def attention_target_modules(model: nn.Module) -> list[str]:
@@ -78,8 +82,10 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
 
 
 def new_head(model: nn.Module) -> nn.Linear:
+    """A scalar head in float32 whatever the base's dtype: a trained head keeps fp32 master weights (AdamW updates
+    in bf16 round away), and `last_token_scores` casts the hidden states to it."""
     hidden = model.config.get_text_config().hidden_size
-    head = nn.Linear(hidden, 1, bias=False)
+    head = nn.Linear(hidden, 1, bias=False, dtype=torch.float32)
     nn.init.normal_(head.weight, std=1.0 / (hidden + 1) ** 0.5)
     return head.to(next(model.parameters()).device)
 
@@ -183,6 +189,10 @@ class Backbone(nn.Module):
             raise FileNotFoundError(f"{directory}: not an adapter directory (needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
         config = read_lora_config(directory)
         weights = load_file(str(weights_path))
+        foreign = [k for k in weights if k != HEAD_KEY and not LORA_WEIGHT_NAMES & set(k.split("."))]
+        if foreign:
+            raise _writes_base_error(directory, f"{ADAPTER_WEIGHTS} holds {len(foreign)} weights that are not LoRA "
+                                                f"weights, e.g. {foreign[0]}")
         head_weight = weights.pop(HEAD_KEY, None)
         self.add_adapter(name, config, trainable)
         result = set_peft_model_state_dict(self.model, weights, adapter_name=name)
@@ -190,23 +200,38 @@ class Backbone(nn.Module):
         if missing:
             raise ValueError(f"{weights_path}: adapter weights missing for {len(missing)} LoRA modules, e.g. {missing[0]}")
         if head_weight is not None:
-            head = nn.Linear(head_weight.shape[1], 1, bias=False)
+            head = nn.Linear(head_weight.shape[1], 1, bias=False, dtype=torch.float32)  # fp32 as in new_head
             head.weight.data.copy_(head_weight)
             self.heads[name] = head.to(next(self.model.parameters()).device)
             self.heads[name].requires_grad_(trainable)
 
 
 def read_lora_config(directory: str | Path) -> LoraConfig:
+    """The LoRA config of a saved adapter, refusing adapters that would also change the shared base's weights."""
     raw = json.loads((Path(directory) / ADAPTER_CONFIG).read_text(encoding="utf-8"))
     if raw.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{directory}/{ADAPTER_CONFIG}: peft_type {raw.get('peft_type')!r} is not LoRA")
+    extra_modules = sorted(set(raw.get("modules_to_save") or []) - HEAD_MODULES)
+    if extra_modules:
+        raise _writes_base_error(directory, f"{ADAPTER_CONFIG} sets modules_to_save {extra_modules} (whole modules "
+                                            "trained beside LoRA)")
+    if raw.get("trainable_token_indices"):
+        raise _writes_base_error(directory, f"{ADAPTER_CONFIG} sets trainable_token_indices (trained embedding rows)")
     known = set(LoraConfig.__dataclass_fields__)
     kwargs = {k: v for k, v in raw.items() if k in known and k not in ("peft_type", "modules_to_save", "task_type")}
     return LoraConfig(**kwargs, task_type="CAUSAL_LM")
 
 
+def _writes_base_error(directory: str | Path, what: str) -> ValueError:
+    return ValueError(
+        f"{directory}: {what}. perlhf loads adapters onto one frozen base shared by the policy, reference, reward "
+        f"and value roles, so these weights would silently change all of them. Merge the adapter into a copy of its "
+        f"base with `perlhf export --adapter {directory} --merge --output-dir MERGED` and pass MERGED as --model.")
+
+
 def _clone_head(head: nn.Linear) -> nn.Linear:
-    clone = nn.Linear(head.in_features, 1, bias=False).to(head.weight.device, head.weight.dtype)
+    # fp32 as in new_head: the clone may be trained (the value head starts as a copy of the reward head).
+    clone = nn.Linear(head.in_features, 1, bias=False, dtype=torch.float32).to(head.weight.device)
     clone.weight.data.copy_(head.weight.data)
     return clone
 

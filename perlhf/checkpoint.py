@@ -347,3 +347,22 @@ def apply_learning_rates(optimizer, scheduler, rates: list[float], verbose: bool
     if verbose:
         print(f"perlhf: resuming with learning rate(s) {', '.join(f'{r:g}' for r in rates)} "
               f"(the checkpoint was trained with {', '.join(f'{r:g}' for r in old)})")
+
+
+def check_global_batch(meta: dict, run_dir: Path, processes: int, per_process: int, flag: str) -> None:
+    """A checkpoint resumes on any number of processes that keeps its global batch (processes x per-process
+    batch): the data order and every update depend on the global batch only. Another one is a ConfigError that
+    says which value of `flag` to pass. Checkpoints record both with `global_batch_meta`."""
+    from perlhf.config import ConfigError
+
+    saved_processes, saved_batch = meta.get("processes", processes), meta.get("batch_size", per_process)
+    if saved_processes * saved_batch != processes * per_process:
+        raise ConfigError(
+            f"{flag}: {run_dir} was trained with a global batch of {saved_processes * saved_batch} "
+            f"({saved_processes} process(es) x {flag} {saved_batch}); resume with the same global batch (here "
+            f"{processes} process(es): {flag} {saved_processes * saved_batch / processes:g}) or pass "
+            "--overwrite-output-dir to start over")
+
+
+def global_batch_meta(processes: int, per_process: int) -> dict:
+    return {"processes": processes, "batch_size": per_process}

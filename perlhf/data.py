@@ -181,16 +181,57 @@ def render_prompt(tokenizer, prompt: str | list[dict]) -> str:
         raise DataError(f"cannot render chat messages with this tokenizer's chat template: {exc}") from exc
 
 
+def prompt_token_ids(tokenizer, prompt: str | list[dict]) -> list[int]:
+    """Token ids of a prompt as its tokenizer and chat template define them, with at most one leading BOS.
+
+    Chat messages: the rendered template, which writes the BOS itself when the model wants one (`{{ bos_token }}`),
+    so no special tokens are added on top. Plain text: the tokens the tokenizer puts before any text (a BOS for
+    Llama, Mistral, Gemma; none for GPT-2 or Qwen), but never what it appends after it (an EOS would tell the model
+    the prompt's reply is already over). Text that already starts with those tokens gets them once.
+    """
+    if not isinstance(prompt, str):
+        return list(tokenizer.encode(render_prompt(tokenizer, prompt), add_special_tokens=False))
+    ids = list(tokenizer.encode(prompt, add_special_tokens=False))
+    lead = _leading_special_ids(tokenizer)
+    return ids if ids[:len(lead)] == lead else lead + ids
+
+
+def _leading_special_ids(tokenizer) -> list[int]:
+    """What the tokenizer adds before a text: the part of a probe's full encoding ahead of its bare encoding."""
+    bare = tokenizer.encode("x", add_special_tokens=False)
+    full = tokenizer.encode("x", add_special_tokens=True)
+    for start in range(len(full) - len(bare) + 1):
+        if full[start:start + len(bare)] == bare:
+            return list(full[:start])
+    return []
+
+
+def cut_prompt_left(ids: list[int], keep: int, bos_id: int | None) -> list[int]:
+    """The last `keep` prompt tokens, but a leading BOS stays first: models trained with one never see text without it.
+
+    A prompt of at most `keep` tokens comes back whole. A cut one starting with `bos_id` keeps that BOS plus its last
+    keep - 1 tokens (only the BOS when keep is 1). `bos_id` None: a plain cut from the left.
+    """
+    if keep < 1:
+        raise ValueError(f"keep must be at least 1 (got {keep})")
+    if len(ids) <= keep:
+        return list(ids)
+    if bos_id is not None and ids[0] == bos_id:
+        return [bos_id] + (list(ids[-(keep - 1):]) if keep > 1 else [])
+    return list(ids[-keep:])
+
+
 def encode_example(tokenizer, prompt: str | list[dict], response: str, max_length: int) -> EncodedExample:
     """Token ids of prompt + response + eos, with `response_start` exact because the two are encoded apart.
 
-    Too long: keep the whole response and cut the prompt from the left. If the response (with eos) alone needs
-    more than max_length - 1 tokens, keep the last prompt token and cut the response from the right (the eos
-    goes first). A reward or policy needs at least one prompt token to condition the first reply token on.
+    Too long: keep the whole response and cut the prompt from the left (a leading BOS stays, see cut_prompt_left).
+    If the response (with eos) alone needs more than max_length - 1 tokens, keep one prompt token (the BOS, or the
+    last one) and cut the response from the right (the eos goes first). A reward or policy needs at least one
+    prompt token to condition the first reply token on.
     """
     if max_length < 2:
         raise ValueError(f"max_length must be at least 2 (got {max_length})")
-    prompt_ids = list(tokenizer.encode(render_prompt(tokenizer, prompt), add_special_tokens=False))
+    prompt_ids = prompt_token_ids(tokenizer, prompt)
     response_ids = list(tokenizer.encode(response, add_special_tokens=False))
     eos = tokenizer.eos_token_id
     if eos is not None and (not response_ids or response_ids[-1] != eos):
@@ -198,11 +239,8 @@ def encode_example(tokenizer, prompt: str | list[dict], response: str, max_lengt
     truncated = len(prompt_ids) + len(response_ids) > max_length
     if truncated:
         room = max_length - len(response_ids)
-        if room >= 1:
-            prompt_ids = prompt_ids[-room:]
-        else:
-            prompt_ids = prompt_ids[-1:]
-            response_ids = response_ids[:max_length - len(prompt_ids)]
+        prompt_ids = cut_prompt_left(prompt_ids, max(room, 1), tokenizer.bos_token_id)
+        response_ids = response_ids[:max_length - len(prompt_ids)]
     return EncodedExample(prompt_ids + response_ids, len(prompt_ids), truncated)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +33,8 @@ class EvalConfig:
     num_prompts: int = field(64, "evaluate on at most this many prompts")
     max_new_tokens: int = field(48, "tokens per response")
     max_prompt_length: int = field(256, "prompt tokens kept (cut from the left)")
-    temperature: float = field(1.0, "sampling temperature for both policy and anchor (0: greedy)")
+    temperature: float | None = field(None, "sampling temperature for both policy and anchor (0: greedy); "
+                                            "default: the RL run's --temperature, else 1")
     batch_size: int = field(16, "prompts per generation batch")
     output_dir: str | None = field(None, "where evaluation.json, samples.jsonl and report/ go (default: the run dir)")
     seed: int = field(1234, "sampling seed")
@@ -47,7 +49,7 @@ class EvalConfig:
         check(bool(self.prompts), "prompts", "is required")
         check(self.num_prompts >= 1, "num_prompts", "must be >= 1")
         check(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
-        check(self.temperature >= 0, "temperature", "must be >= 0")
+        check(self.temperature is None or self.temperature >= 0, "temperature", "must be >= 0")
         check(self.batch_size >= 1, "batch_size", "must be >= 1")
 
 
@@ -75,6 +77,27 @@ def pearson(xs: list[float], ys: list[float]) -> float | None:
     return (x @ y).item() / denominator if denominator > 0 else None
 
 
+def judge_names(specs: list[str]) -> list[str]:
+    """A distinct name per judge spec: `gold`, or `judge:` + the shortest trailing part of its path no other spec
+    ends with (`a/best`, `b/best` -> `judge:a/best`, `judge:b/best`). A spec given twice is a ConfigError."""
+    paths = [spec if spec == "gold" else os.path.normpath(spec) for spec in specs]
+    twice = next((spec for spec, path in zip(specs, paths) if paths.count(path) > 1), None)
+    check(twice is None, "judges", f"{twice} is given twice (the first judge is the run's reward model, if any)")
+    parts = [Path(path).parts for path in paths if path != "gold"]
+    names = []
+    for path in paths:
+        if path == "gold":
+            names.append("gold")
+            continue
+        mine = Path(path).parts
+        # The shortest tail no other spec has at that length (names of different lengths never clash); a spec that
+        # ends another one (`best` beside `a/best`) keeps its whole path.
+        tail = next((mine[-k:] for k in range(1, len(mine) + 1)
+                     if all(other[-k:] != mine[-k:] for other in parts if other != mine)), mine)
+        names.append("judge:" + Path(*tail).as_posix())
+    return names
+
+
 def _policy_dir(path: str) -> tuple[Path, dict]:
     """The adapter directory and, when given a run directory, its training config."""
     root = Path(path)
@@ -94,14 +117,18 @@ def evaluate_policy(config: EvalConfig) -> dict:
     from perlhf.backbone import Backbone
     from perlhf.data import load_prompts
     from perlhf.models import load_model
-    from perlhf.rl.objectives import kl_per_token, masked_sum
-    from perlhf.rl.rollout import encode_prompts, generate, response_logprobs, score_responses
+    from perlhf.rl.objectives import exact_kl, masked_sum
+    from perlhf.rl.rollout import encode_prompts, generate, response_logits, response_texts, sequence_seed
 
     policy_dir, run_config = _policy_dir(config.policy)
     adapter_info = json.loads((policy_dir / "adapter_config.json").read_text(encoding="utf-8"))
     model_name = config.model or run_config.get("model") or adapter_info.get("base_model_name_or_path") or DEFAULT_MODEL
     reward_dir = config.reward_model or run_config.get("reward_model")
     output = Path(config.output_dir or (policy_dir.parent if run_config else policy_dir))
+    judge_specs = ([reward_dir] if reward_dir else []) + list(config.judges)
+    names = judge_names(judge_specs)  # before loading anything: a repeated judge is refused at once
+    if reward_dir:
+        names[0] = "reward_model"
 
     loaded = load_model(model_name, device=config.device, dtype=config.dtype)
     tokenizer = loaded.tokenizer
@@ -112,57 +139,46 @@ def evaluate_policy(config: EvalConfig) -> dict:
         backbone.load_adapter("anchor", run_config["policy_adapter"], trainable=False)
         anchor = "anchor"
 
-    judges: dict[str, object] = {}  # name -> adapter name on the backbone, or a text judge function
-    for i, spec in enumerate(([reward_dir] if reward_dir else []) + list(config.judges)):
-        name = "reward_model" if (i == 0 and reward_dir) else ("gold" if spec == "gold" else f"judge:{Path(spec).name}")
-        if spec == "gold":
-            from perlhf.demo import gold_preference
-
-            judges[name] = gold_preference
-        elif _judge_base(spec) in (None, model_name):
-            backbone.load_adapter(f"judge{i}", spec, trainable=False)
-            judges[name] = f"judge{i}"
-        else:  # trained on another base: a separate model that scores text
-            from perlhf.reward import load_reward_model
-
-            separate = load_reward_model(spec, device=config.device, dtype=config.dtype)
-            judges[name] = lambda prompt, response, rm=separate: rm.score([prompt], [response])[0]
+    judges = {name: _judge(spec, i, backbone, tokenizer, model_name, config)
+              for i, (spec, name) in enumerate(zip(judge_specs, names))}
 
     prompts, report = load_prompts(config.prompts, column=config.prompt_column, limit=config.num_prompts)
     print(f"perlhf: evaluation prompts: {report.summary()}")
     encoded, _ = encode_prompts(tokenizer, prompts, config.max_prompt_length)
-    torch.manual_seed(config.seed)
-    sample = config.temperature > 0
+    # KL(policy || anchor) of the distributions as sampled: softmax(logits / T); greedy decoding (T = 0) has no
+    # such distribution, so there it is the KL at T = 1 along the greedy responses, and the results say so.
+    temperature = config.temperature if config.temperature is not None else float(run_config.get("temperature", 1.0))
+    kl_temperature = temperature if temperature > 0 else 1.0
     rows, kls = [], []
     for start in range(0, len(encoded), config.batch_size):
         ids = encoded[start:start + config.batch_size]
         batch_prompts = prompts[start:start + config.batch_size]
+        # policy and anchor draw with the same per-prompt seeds: a paired comparison, less noise in the win rate
+        seeds = [sequence_seed(config.seed, start + j) for j in range(len(ids))]
         outs = {}
         for role, adapter in (("policy", "policy"), ("anchor", anchor)):
             with backbone.role(adapter):
-                outs[role] = generate(backbone.model, tokenizer, ids, config.max_new_tokens,
-                                      config.temperature if sample else 1.0, 1.0, do_sample=sample)
-        with torch.no_grad(), backbone.role("policy"):
-            logp = response_logprobs(backbone.model, outs["policy"])
-        with torch.no_grad(), backbone.role(anchor):
-            ref = response_logprobs(backbone.model, outs["policy"])
-        kls += masked_sum(kl_per_token(logp, ref, "k1"), outs["policy"].response_mask, dim=1).tolist()
-        texts = {role: _decode(tokenizer, rollout) for role, rollout in outs.items()}
-        scores: dict[str, dict[str, list[float]]] = {}
-        for name, judge in judges.items():
-            scores[name] = {}
-            for role, rollout in outs.items():
-                if isinstance(judge, str):
-                    scores[name][role] = score_responses(backbone, judge, rollout, tokenizer).tolist()
-                else:
-                    scores[name][role] = [judge(p, t) for p, t in zip(batch_prompts, texts[role])]
+                outs[role] = generate(backbone.model, tokenizer, ids, config.max_new_tokens, temperature, seeds)
+        with torch.no_grad():
+            with backbone.role("policy"):
+                policy_logits = response_logits(backbone.model, outs["policy"])
+            with backbone.role(anchor):
+                anchor_logits = response_logits(backbone.model, outs["policy"])
+        per_token = exact_kl(policy_logits, anchor_logits, kl_temperature)
+        kls += masked_sum(per_token, outs["policy"].response_mask, dim=1).tolist()
+        del policy_logits, anchor_logits
+        texts = {role: response_texts(tokenizer, rollout) for role, rollout in outs.items()}
+        scores = {name: {role: judge(batch_prompts, texts[role]) for role in outs} for name, judge in judges.items()}
         for j, prompt in enumerate(batch_prompts):
             rows.append({"prompt": _prompt_text(prompt), "policy": texts["policy"][j], "anchor": texts["anchor"][j],
                          "policy_tokens": int(outs["policy"].response_mask[j].sum()),
                          "anchor_tokens": int(outs["anchor"].response_mask[j].sum()),
                          "scores": {n: {r: s[r][j] for r in s} for n, s in scores.items()}})
 
-    results = {"judges": {}, "kl": {"mean": sum(kls) / len(kls)},
+    results = {"judges": {}, "kl": {"mean": sum(kls) / len(kls), "temperature": kl_temperature,
+                                    "estimator": "exact per-token KL(policy || anchor) over the vocabulary, summed "
+                                                 "over each response, averaged over the policy's "
+                                                 + ("samples" if temperature > 0 else "greedy responses")},
                "length": {"policy_mean": _mean([r["policy_tokens"] for r in rows]),
                           "anchor_mean": _mean([r["anchor_tokens"] for r in rows])},
                "prompts": len(rows), "anchor": anchor or "backbone with adapters off", "notes": []}
@@ -201,17 +217,34 @@ def evaluate_policy(config: EvalConfig) -> dict:
     return results
 
 
+def _judge(spec: str, index: int, backbone, tokenizer, model_name: str, config: EvalConfig):
+    """A function (prompts, response texts) -> scores: the demo's gold preference, a reward adapter on the same
+    backbone (read as `perlhf rm score` reads it), or a reward model on another base as a separate model."""
+    from perlhf.reward import RewardModel, load_reward_model
+
+    if spec == "gold":
+        from perlhf.demo import gold_preference
+
+        return lambda prompts, texts: [gold_preference(p, t) for p, t in zip(prompts, texts)]
+    if _judge_base(spec) in (None, model_name):
+        adapter = f"judge{index}"
+        backbone.load_adapter(adapter, spec, trainable=False)
+        info = json.loads((Path(spec) / "adapter_config.json").read_text(encoding="utf-8"))
+        reward = RewardModel(backbone.model, backbone.heads[adapter], tokenizer, int(info.get("perlhf_max_length", 512)))
+
+        def on_backbone(prompts, texts):
+            with backbone.role(adapter):
+                return reward.score(prompts, texts)
+        return on_backbone
+    separate = load_reward_model(spec, device=config.device, dtype=config.dtype)
+    return separate.score
+
+
 def _judge_base(directory: str) -> str | None:
     path = Path(directory) / "adapter_config.json"
     if not path.exists():
         return "(full model)"
     return json.loads(path.read_text(encoding="utf-8")).get("base_model_name_or_path")
-
-
-def _decode(tokenizer, rollout) -> list[str]:
-    from perlhf.rl.rollout import prompt_and_response_lists
-
-    return tokenizer.batch_decode(prompt_and_response_lists(rollout)[1], skip_special_tokens=True)
 
 
 def _prompt_text(prompt) -> str:
@@ -231,7 +264,8 @@ def describe(results: dict) -> str:
         lines.append(f"  {name:>14}: win rate {j['win_rate']:.1%} (95% CI {j['ci_low']:.1%}-{j['ci_high']:.1%}; "
                      f"{j['wins']}W {j['ties']}T {j['losses']}L)"
                      + (f", where the policy is not longer: {controlled:.1%}" if controlled is not None else ""))
-    lines.append(f"  mean KL to the anchor {results['kl']['mean']:.3f}; mean length policy "
+    lines.append(f"  mean KL(policy || anchor) {results['kl']['mean']:.3f} nats per response (exact per-token KL at "
+                 f"temperature {results['kl']['temperature']:g}); mean length policy "
                  f"{results['length']['policy_mean']:.1f} vs anchor {results['length']['anchor_mean']:.1f} tokens")
     lines += [f"  note: {note}" for note in results.get("notes", [])]
     return "\n".join(lines)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from perlhf import config as cfg
+from perlhf import parallel
 from perlhf.config import check, field
 from perlhf.models import DEFAULT_MODEL
 
@@ -215,7 +216,7 @@ def build_reward_model(config: RewardConfig, loaded) -> RewardModel:
     else:
         lora = lora_config(base, config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_target)
         body = Backbone.with_adapter(base, RewardModel.ADAPTER, lora).model
-    head = new_head(base).to(dtype=next(base.parameters()).dtype)
+    head = new_head(base)  # fp32 even over a bf16 base: a trained weight needs fp32 for AdamW's small updates
     return RewardModel(body, head, loaded.tokenizer, config.max_length, config.model)
 
 
@@ -402,8 +403,8 @@ def train_reward_model(config: RewardConfig) -> dict:
     from accelerate import Accelerator
     from transformers import get_scheduler
 
-    from perlhf.checkpoint import (CheckpointManager, apply_learning_rates, capture_rng_state, load_training_state,
-                                   restore_rng_state, save_training_state)
+    from perlhf.checkpoint import (CheckpointManager, apply_learning_rates, capture_rng_state, check_global_batch,
+                                   global_batch_meta, load_training_state, restore_rng_state, save_training_state)
     from perlhf.guards import NonFiniteGuard, StopRequest, prepare_run_dir, writing
     from perlhf.metrics import MetricsLogger, peak_memory_mb
     from perlhf.models import load_model
@@ -443,7 +444,11 @@ def train_reward_model(config: RewardConfig) -> dict:
     checkpoints = CheckpointManager(run_dir, keep_last=config.save_total_limit)
     start_step, best = 0, {"eval/accuracy": -1.0}
     latest = checkpoints.latest() if resuming or not main else None
+    world = accelerator.num_processes
+    global_batch = config.per_device_train_batch_size * world
     if latest is not None:
+        check_global_batch(latest.meta, run_dir, world, config.per_device_train_batch_size,
+                           "--per-device-train-batch-size")
         model.load_weights(latest.path / "model")
         state = load_training_state(latest.path / "training_state.pt", optimizer=optimizer, scheduler=scheduler)
         restore_rng_state(state["rng"])
@@ -455,8 +460,6 @@ def train_reward_model(config: RewardConfig) -> dict:
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
 
-    world = accelerator.num_processes
-    global_batch = config.per_device_train_batch_size * world
     lengths = [max(len(e.chosen), len(e.rejected or [])) for e in train]  # chosen and rejected pad to the longer
     batches_per_epoch = len(train) // global_batch
     if batches_per_epoch == 0:
@@ -478,7 +481,8 @@ def train_reward_model(config: RewardConfig) -> dict:
         if main:
             with writing(run_dir):
                 checkpoints.save(step, write, {"best": best, "micro_batches": step * config.gradient_accumulation_steps,
-                                               "guard": guard.state_dict()})
+                                               "guard": guard.state_dict(),
+                                               **global_batch_meta(world, config.per_device_train_batch_size)})
         accelerator.wait_for_everyone()
 
     logger = MetricsLogger(run_dir, config.max_steps, start_step, enabled=main, description="reward model")
@@ -490,7 +494,7 @@ def train_reward_model(config: RewardConfig) -> dict:
     with StopRequest() as stop:
         while step < config.max_steps:
             model.train()
-            losses, accuracies = [], []
+            losses, accuracies, tokens = [], [], []
             for micro in range(config.gradient_accumulation_steps):
                 batch = micro_batch(step * config.gradient_accumulation_steps + micro)
                 sync = micro == config.gradient_accumulation_steps - 1
@@ -500,20 +504,22 @@ def train_reward_model(config: RewardConfig) -> dict:
                     accelerator.backward(loss / config.gradient_accumulation_steps)
                 losses.append(loss.detach())
                 accuracies.append(accuracy)
-                tokens_seen += int(out["tokens"]) * world
-            loss = torch.stack(losses).mean()
+                tokens.append(out["tokens"])
+            # the global batch's loss, so every process skips a non-finite step (or stops) together
+            loss = parallel.all_sum(torch.stack(losses).mean()) / world
             grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
             if guard.step_ok(loss, params, step + 1):
                 optimizer.step()
                 scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            tokens_seen += int(parallel.all_sum(torch.stack(tokens).sum()).item())
             logger.advance()
 
             if step % config.logging_steps == 0 or step == config.max_steps:
                 elapsed = time.perf_counter() - started
-                logger.log(step, {"train/loss": accelerator.reduce(loss, "mean").item(),
-                                  "train/accuracy": sum(accuracies) / len(accuracies),
+                logger.log(step, {"train/loss": loss.item(),
+                                  "train/accuracy": parallel.global_mean(torch.tensor(accuracies)),
                                   "train/grad_norm": float(grad_norm), "train/lr": scheduler.get_last_lr()[0],
                                   "train/tokens_per_second": tokens_seen / max(elapsed, 1e-9),
                                   "train/skipped_steps": guard.skipped,
@@ -528,22 +534,26 @@ def train_reward_model(config: RewardConfig) -> dict:
                     with writing(run_dir / "best"):
                         unwrapped.save(run_dir / "best", extra={"perlhf_step": step})
                 accelerator.wait_for_everyone()
-            if step % config.save_steps == 0 or step == config.max_steps or stop.requested:
+            stopping = parallel.any_process(stop.requested)  # one signalled process stops all
+            if step % config.save_steps == 0 or step == config.max_steps or stopping:
                 save_checkpoint(step)
-            if stop.requested:
+            if stopping:
                 logger.close()
                 if main:
                     print(f"perlhf: stopped at step {step}; checkpoint saved. Re-run the same command to resume.")
+                parallel.finish()
                 return {"stopped_at": step}
     logger.close()
 
+    fingerprint = parallel.check_identical(params, "reward-model weights")
     elapsed = time.perf_counter() - started
     final = last_eval if last_eval is not None else evaluate(model, val, tokenizer.pad_token_id,
                                                              config.per_device_eval_batch_size, accelerator)
     summary = {"final": final, "best": best, "steps": step, "kind": kind, "train_examples": len(train),
                "validation_examples": len(val), "tokens_per_second": tokens_seen / max(elapsed, 1e-9),
                "peak_memory_mb": peak_memory_mb(accelerator.device), "skipped_steps": guard.skipped,
-               "trainable_parameters": sum(p.numel() for p in params)}
+               "trainable_parameters": sum(p.numel() for p in params), "processes": world,
+               "weights_sha256": fingerprint}
     if main:
         with writing(run_dir):
             unwrapped.save(run_dir, extra={"perlhf_step": step})
@@ -551,6 +561,7 @@ def train_reward_model(config: RewardConfig) -> dict:
             (run_dir / "eval_results.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
         print(f"perlhf: reward model saved to {run_dir} (best step {best.get('step', '-')} in {run_dir / 'best'})")
         print("perlhf: " + _describe(final))
+    parallel.finish()
     return summary
 
 

@@ -37,8 +37,14 @@ def make_tokenizer():
     return tokenizer
 
 
+# Families for the conformance suite: GPT-2 keeps its default dropout of 0.1 (embeddings, attention, residual),
+# Gemma-2 soft-caps its logits (a cap of 2 makes it matter for tiny random weights), Cohere scales them.
+ARCHITECTURES = ("llama", "qwen2", "gpt2", "gemma2", "cohere")
+
+
 def make_model(arch: str, vocab_size: int, seed: int = 0):
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
+    from transformers import (AutoModelForCausalLM, CohereConfig, Gemma2Config, GPT2Config, LlamaConfig,
+                              Qwen2Config)
 
     torch.manual_seed(seed)
     if arch == "llama":
@@ -51,6 +57,16 @@ def make_model(arch: str, vocab_size: int, seed: int = 0):
     elif arch == "gpt2":
         config = GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=512,
                             bos_token_id=vocab_size - 3, eos_token_id=vocab_size - 1)
+    elif arch == "gemma2":
+        config = Gemma2Config(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=512,
+                              final_logit_softcapping=2.0, attn_logit_softcapping=50.0, query_pre_attn_scalar=8,
+                              attn_implementation="eager")
+    elif arch == "cohere":
+        config = CohereConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                              logit_scale=4.0, pad_token_id=vocab_size - 3, bos_token_id=vocab_size - 3,
+                              eos_token_id=vocab_size - 1)
     else:
         raise ValueError(arch)
     config.pad_token_id = vocab_size - 3
@@ -77,6 +93,37 @@ def save_tiny_model(arch: str, path: Path, tokenizer) -> str:
     make_model(arch, len(tokenizer)).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+def tiny_rl_setup(root: Path, arch: str, tokenizer, prompts: list[str], pairs: int, rm_steps: int = 0,
+                  **rm_options) -> dict:
+    """The RL tests' inputs in `root`: a tiny `arch` model, `pairs` preference pairs over `prompts` ("Sure!
+    Lovely." preferred to "no i"), a prompts.txt and, with rm_steps > 0, a LoRA reward model trained on them."""
+    import json
+
+    from perlhf.reward import RewardConfig, train_reward_model
+
+    model = save_tiny_model(arch, root / arch, tokenizer)
+    (root / "pairs.jsonl").write_text("".join(
+        json.dumps({"prompt": prompts[i % len(prompts)], "chosen": "Sure! Lovely.", "rejected": f"no {i}"}) + "\n"
+        for i in range(pairs)))
+    (root / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    out = {"arch": arch, "root": root, "model": model, "pairs": str(root / "pairs.jsonl"),
+           "prompts": str(root / "prompts.txt")}
+    if rm_steps:
+        train_reward_model(RewardConfig(model=model, data=out["pairs"], output_dir=str(root / "rm"), max_steps=rm_steps,
+                                        eval_steps=0, save_steps=rm_steps, device="cpu", **rm_options))
+        out["rm"] = str(root / "rm")
+    return out
+
+
+def tiny_rl_config(setup: dict, out, **overrides):
+    """An RLConfig on a `tiny_rl_setup`: 3 iterations of 4 prompts, 6 new tokens, on CPU."""
+    from perlhf.rl.trainer import RLConfig
+
+    values = dict(model=setup["model"], reward_model=setup["rm"], prompts=setup["prompts"], output_dir=str(out),
+                  max_steps=3, batch_size=4, max_new_tokens=6, save_steps=2, device="cpu", seed=0)
+    return RLConfig(**{**values, **overrides})
 
 
 def write_resume_inputs(root: Path) -> dict:

@@ -157,8 +157,8 @@ def test_generate_compares_adapters_and_records_sources(tmp_path, prompts, tiny_
 def test_markup_goes_through_generate_page_and_export_intact(tmp_path, prompts, tiny_model_dir, monkeypatch,
                                                              capsys):
     """A model that answers with markup: stored as is, served as JSON text, exported unchanged."""
-    def fake_sample(model, tokenizer, texts, count, config, eos):
-        return [[{"text": f"{SCRIPT} {k}", "finish": "eos", "tokens": 3} for k in range(count)] for _ in texts]
+    def fake_sample(model, tokenizer, prompt_ids, count, config, eos):
+        return [[{"text": f"{SCRIPT} {k}", "finish": "eos", "tokens": 3} for k in range(count)] for _ in prompt_ids]
 
     monkeypatch.setattr(generate_module, "_sample", fake_sample)
     db = tmp_path / "l.db"
@@ -212,7 +212,8 @@ def test_wired_into_the_perlhf_command(tmp_path, capsys):
 def test_chat_wrapping_and_identical_responses(tmp_path, prompts, tiny_model_dir, monkeypatch, capsys):
     seen = []
 
-    def fake_sample(model, tokenizer, texts, count, config, eos):
+    def fake_sample(model, tokenizer, prompt_ids, count, config, eos):
+        texts = tokenizer.batch_decode(prompt_ids)
         seen.extend(texts)
         # The first prompt gets two identical (empty) responses, the others two different ones.
         return [[{"text": "" if "Repeat" in text else f"reply {k}", "finish": "eos", "tokens": 1}

@@ -1,20 +1,16 @@
 """RL on one shared backbone, end to end on tiny random models."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import make_model, save_tiny_model
+from conftest import make_model, save_tiny_model, tiny_rl_config, tiny_rl_setup
 from perlhf.backbone import Backbone, enable_gradient_checkpointing, lora_config
 from perlhf.metrics import read_metrics
 from perlhf.reward import RewardConfig, train_reward_model
 from perlhf.rl.rollout import Rollout, encode_prompts, generate, pad_left, response_logprobs
-from perlhf.rl.trainer import RLConfig, train_policy
+from perlhf.rl.trainer import train_policy
 
 PROMPTS = ["Tell me about cats.", "Tell me about dogs.", "What is tea?", "Why does it rain?", "Read a map.",
            "Play some jazz.", "Bake bread.", "Ride a train."]
@@ -22,23 +18,11 @@ PROMPTS = ["Tell me about cats.", "Tell me about dogs.", "What is tea?", "Why do
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tiny_tokenizer):
-    root = tmp_path_factory.mktemp("rl")
-    model = save_tiny_model("llama", root / "llama", tiny_tokenizer)
-    pairs = root / "pairs.jsonl"
-    with pairs.open("w") as handle:
-        for i in range(64):
-            handle.write(json.dumps({"prompt": PROMPTS[i % 8], "chosen": "Sure! Lovely.", "rejected": f"no {i}"}) + "\n")
-    train_reward_model(RewardConfig(model=model, data=str(pairs), output_dir=str(root / "rm"), max_steps=10,
-                                    learning_rate=2e-3, eval_steps=0, save_steps=10, device="cpu"))
-    (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
-    return {"root": root, "model": model, "rm": str(root / "rm"), "prompts": str(root / "prompts.txt")}
+    return tiny_rl_setup(tmp_path_factory.mktemp("rl"), "llama", tiny_tokenizer, PROMPTS, pairs=64, rm_steps=10,
+                         learning_rate=2e-3)
 
 
-def rl_config(setup, out, **overrides) -> RLConfig:
-    values = dict(model=setup["model"], reward_model=setup["rm"], prompts=setup["prompts"], output_dir=str(out),
-                  max_steps=3, batch_size=4, max_new_tokens=6, save_steps=2, device="cpu", seed=0)
-    values.update(overrides)
-    return RLConfig(**values)
+rl_config = tiny_rl_config
 
 
 @pytest.mark.parametrize("algorithm", ["reinforce", "rloo", "ppo"])
@@ -91,7 +75,7 @@ def test_reward_model_on_another_base_is_a_separate_model(setup, tmp_path, tiny_
 def test_logprobs_do_not_depend_on_padding(tiny_tokenizer):
     model = make_model("llama", len(tiny_tokenizer)).eval()
     prompts, _ = encode_prompts(tiny_tokenizer, ["hi", "a much longer prompt than the first"], 64)
-    rollout = generate(model, tiny_tokenizer, prompts, 5, do_sample=False)
+    rollout = generate(model, tiny_tokenizer, prompts, 5, temperature=0)
     together = response_logprobs(model, rollout)
     for row in range(2):
         ids, mask = pad_left([prompts[row]], tiny_tokenizer.pad_token_id, "cpu")
@@ -108,20 +92,6 @@ def test_response_mask_stops_after_eos(tiny_tokenizer):
     assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]] and ended.tolist() == [True, False]
 
 
-@pytest.mark.slow
-def test_accelerate_launch_two_cpu_processes(setup, tmp_path):
-    out = tmp_path / "ddp"
-    result = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "perlhf.cli", "rl", "train", "--model",
-         setup["model"], "--reward-model", setup["rm"], "--prompts", setup["prompts"], "--output-dir", str(out),
-         "--max-steps", "2", "--batch-size", "2", "--max-new-tokens", "5", "--algorithm", "ppo"],
-        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert (out / "policy" / "adapter_model.safetensors").exists()
-    assert [m["step"] for m in read_metrics(out)] == [1, 2]
-
-
 def test_prompt_value_equals_the_value_before_the_first_response_token(tiny_tokenizer):
     from perlhf.backbone import new_head
     from perlhf.rl.rollout import prompt_values, response_values
@@ -129,37 +99,10 @@ def test_prompt_value_equals_the_value_before_the_first_response_token(tiny_toke
     model = make_model("llama", len(tiny_tokenizer)).eval()
     head = new_head(model)
     prompts, _ = encode_prompts(tiny_tokenizer, ["hi", "a longer prompt"], 64)
-    rollout = generate(model, tiny_tokenizer, prompts, 4, do_sample=False)
+    rollout = generate(model, tiny_tokenizer, prompts, 4, temperature=0)
     with torch.no_grad():
         assert torch.allclose(prompt_values(model, head, rollout), response_values(model, head, rollout)[:, 0], atol=1e-5)
 
-
-
-def test_rl_scores_equal_the_reward_models_own_scores_for_finished_and_cut_off_responses(setup, tiny_tokenizer):
-    """The reward model is trained on responses closed by EOS; RL must score a response cut off by
-    max_new_tokens the same way, or the head reads a position it never saw in training."""
-    from perlhf.models import load_model
-    from perlhf.reward import load_reward_model
-    from perlhf.rl.rollout import prompt_and_response_lists, score_responses
-
-    loaded = load_model(setup["model"], device="cpu", verbose=False)
-    backbone = Backbone(loaded.model)
-    backbone.load_adapter("reward", setup["rm"], trainable=False)
-    eos = tiny_tokenizer.eos_token_id
-    prompts, _ = encode_prompts(tiny_tokenizer, ["What is tea?", "Read a map."], 64)
-    ids, mask = pad_left(prompts, tiny_tokenizer.pad_token_id, "cpu")
-    cut_off = tiny_tokenizer.encode("no one", add_special_tokens=False)
-    finished = tiny_tokenizer.encode("Sure!", add_special_tokens=False) + [eos]
-    width = max(len(cut_off), len(finished))
-    response = torch.full((2, width), tiny_tokenizer.pad_token_id)
-    response[0, :len(cut_off)], response[1, :len(finished)] = torch.tensor(cut_off), torch.tensor(finished)
-    response_mask = (torch.arange(width)[None] < torch.tensor([[len(cut_off)], [len(finished)]])).float()
-    rollout = Rollout(ids, mask, response, response_mask, torch.tensor([False, True]))
-    in_rl = score_responses(backbone, "reward", rollout, tiny_tokenizer)
-    texts = tiny_tokenizer.batch_decode(prompt_and_response_lists(rollout)[1], skip_special_tokens=True)
-    alone = load_reward_model(setup["rm"], device="cpu", verbose=False).score(
-        ["What is tea?", "Read a map."], texts)
-    assert in_rl.tolist() == pytest.approx(alone, abs=1e-5)
 
 
 def _policy_gradients(tiny_tokenizer, checkpointing: bool, backward_in_role: bool) -> list[torch.Tensor]:
@@ -177,7 +120,7 @@ def _policy_gradients(tiny_tokenizer, checkpointing: bool, backward_in_role: boo
         enable_gradient_checkpointing(model)
     roles = SimpleNamespace(backbone=backbone)
     prompts, _ = encode_prompts(tiny_tokenizer, ["hi", "a longer prompt"], 64)
-    rollout = generate(model, tiny_tokenizer, prompts, 5, do_sample=False)
+    rollout = generate(model, tiny_tokenizer, prompts, 5, temperature=0)
     with backbone.role("policy", train=True):
         loss = response_logprobs(backbone.model, rollout).sum()
     if backward_in_role:

@@ -113,12 +113,13 @@ def _using(model, name: str):
     yield
 
 
-def _sample(model, tokenizer, texts: list[str], count: int, config: GenerateConfig, eos: list[int]) -> list[list[dict]]:
-    """`count` responses for each text, as {text, finish, tokens} dicts."""
+def _sample(model, tokenizer, prompt_ids: list[list[int]], count: int, config: GenerateConfig,
+            eos: list[int]) -> list[list[dict]]:
+    """`count` responses for each prompt (token ids, see perlhf.data.prompt_token_ids), as {text, finish, tokens}."""
     import torch
 
     device = next(model.parameters()).device
-    batch = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt").to(device)
+    batch = tokenizer.pad({"input_ids": prompt_ids}, padding=True, return_tensors="pt").to(device)
     with torch.no_grad():
         out = model.generate(**batch, do_sample=True, temperature=config.temperature, top_p=config.top_p, top_k=0,
                              max_new_tokens=config.max_new_tokens, num_return_sequences=count,
@@ -130,14 +131,14 @@ def _sample(model, tokenizer, texts: list[str], count: int, config: GenerateConf
         tokens = row if end is None else row[:end]
         results.append({"text": tokenizer.decode(tokens, skip_special_tokens=True),
                         "finish": "length" if end is None else "eos", "tokens": len(tokens)})
-    return [results[i * count:(i + 1) * count] for i in range(len(texts))]
+    return [results[i * count:(i + 1) * count] for i in range(len(prompt_ids))]
 
 
 def generate(config: GenerateConfig, store: LabelStore) -> dict[str, Any]:
     """Sample, then store prompt by prompt; returns counts for the summary line."""
     from transformers import set_seed
 
-    from perlhf.data import DataError, load_prompts, render_prompt
+    from perlhf.data import DataError, load_prompts, prompt_token_ids
 
     try:
         prompts, report = load_prompts(config.prompts, limit=config.limit)
@@ -166,18 +167,16 @@ def generate(config: GenerateConfig, store: LabelStore) -> dict[str, Any]:
                             "prompts": str(config.prompts), "responses_per_prompt": config.responses_per_prompt,
                             "labels_per_pair": config.labels_per_pair, **sampling})
 
-    rendered: list[str | None] = []
+    encoded: list[list[int] | None] = []  # token ids as the model reads them (BOS included where it wants one)
     for prompt in prompts:
         try:
-            text = render_prompt(tokenizer, prompt)
+            encoded.append(prompt_token_ids(tokenizer, prompt))
         except DataError:  # e.g. roles that the chat template refuses: skip the prompt, count it
-            text = None
-        rendered.append(text)
-    keep = [i for i, text in enumerate(rendered)
-            if text is not None and len(tokenizer(text, add_special_tokens=False)["input_ids"]) <= config.max_prompt_tokens]
+            encoded.append(None)
+    keep = [i for i, ids in enumerate(encoded) if ids is not None and len(ids) <= config.max_prompt_tokens]
     chunk = max(1, config.batch_size // max(per_source))
-    counts = {"prompts": 0, "responses": 0, "pairs": 0, "identical_pairs": 0, "skipped_unrenderable": rendered.count(None),
-              "skipped_long_prompts": len(prompts) - len(keep) - rendered.count(None)}
+    counts = {"prompts": 0, "responses": 0, "pairs": 0, "identical_pairs": 0, "skipped_unrenderable": encoded.count(None),
+              "skipped_long_prompts": len(prompts) - len(keep) - encoded.count(None)}
     started = time.perf_counter()
     for start in range(0, len(keep), chunk):
         ids = keep[start:start + chunk]
@@ -186,7 +185,7 @@ def generate(config: GenerateConfig, store: LabelStore) -> dict[str, Any]:
             # Seeded per chunk and source, so a source's samples do not depend on what ran before it.
             set_seed(config.seed * 1_000_003 + start * len(sources) + s)
             with activate():
-                by_source.append(_sample(model, tokenizer, [rendered[i] for i in ids], per_source[s], config, eos))
+                by_source.append(_sample(model, tokenizer, [encoded[i] for i in ids], per_source[s], config, eos))
         for row, i in enumerate(ids):
             taken = [0] * len(sources)
             responses = []

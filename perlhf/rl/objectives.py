@@ -20,11 +20,70 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None
     return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
-def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    mean = masked_mean(values, mask)
-    var = masked_mean((values - mean) ** 2, mask)
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, total=None) -> torch.Tensor:
+    """(values - mean) / std over the masked entries. `total` sums a tensor over every process (default: this
+    one alone), so with data parallelism the mean and variance are those of the global batch."""
+    total = total or (lambda t: t)
+    count = total(mask.sum()).clamp(min=1)
+    mean = total(masked_sum(values, mask)) / count
+    var = total(masked_sum((values - mean) ** 2, mask)) / count
     whitened = (values - mean) * torch.rsqrt(var + 1e-8)
     return (whitened if shift_mean else whitened + mean) * mask
+
+
+# --- Log-probabilities of the distribution that sampled ---------------------------------------------------------
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
+                   with_entropy: bool = False, chunk_elements: int = 2**24):
+    """log softmax(logits / T) at `tokens` [...], and optionally the entropy of softmax(logits / T) at each position.
+
+    Sampling at temperature T draws from softmax(logits / T), so these are the log-probs of the sampled tokens.
+    Computed in fp32 as logit - logsumexp. Without a graph (reference passes, metrics) it runs a chunk of
+    positions at a time, so no fp32 copy of the whole [..., V] logits is made.
+    """
+    vocab = logits.size(-1)
+    flat, picked = logits.reshape(-1, vocab), tokens.reshape(-1, 1)
+
+    def rows(part: torch.Tensor, ids: torch.Tensor):
+        scaled = part.float() if temperature == 1.0 else part.float() / temperature  # no fp32 copy at T = 1
+        normaliser = torch.logsumexp(scaled, dim=-1)
+        logp = scaled.gather(-1, ids).squeeze(-1) - normaliser
+        if not with_entropy:
+            return logp, None
+        with torch.no_grad():  # a metric: no graph through the vocabulary
+            probs = torch.softmax(scaled, dim=-1)
+            return logp, normaliser - (probs * scaled).sum(-1)
+
+    if torch.is_grad_enabled() and logits.requires_grad:
+        pieces = [rows(flat, picked)]
+    else:
+        step = max(1, chunk_elements // vocab)
+        pieces = [rows(flat[i:i + step], picked[i:i + step]) for i in range(0, flat.size(0), step)]
+    logp = torch.cat([p[0] for p in pieces]).view(tokens.shape)
+    if not with_entropy:
+        return logp
+    return logp, torch.cat([p[1] for p in pieces]).view(tokens.shape)
+
+
+def exact_kl(policy_logits: torch.Tensor, reference_logits: torch.Tensor, temperature: float = 1.0,
+             chunk_elements: int = 2**24) -> torch.Tensor:
+    """KL(p || q) over the whole vocabulary at each position [...], p = softmax(policy_logits / T), q likewise.
+
+    The exact KL of the next-token distributions given the prefix, rather than a one-sample estimate: summed
+    over a response sampled from p it is an unbiased, lower-variance estimate of the sequence KL. Chunked like
+    `token_logprobs`; no graph.
+    """
+    vocab = policy_logits.size(-1)
+    p_flat, q_flat = policy_logits.reshape(-1, vocab), reference_logits.reshape(-1, vocab)
+    step = max(1, chunk_elements // vocab)
+    pieces = []
+    with torch.no_grad():
+        for i in range(0, p_flat.size(0), step):
+            logp = torch.log_softmax(p_flat[i:i + step].float() / temperature, dim=-1)
+            logq = torch.log_softmax(q_flat[i:i + step].float() / temperature, dim=-1)
+            pieces.append((logp.exp() * (logp - logq)).sum(-1))
+    return torch.cat(pieces).view(policy_logits.shape[:-1])
 
 
 # --- KL to the reference, on the tokens the policy sampled ------------------------------------------------------
@@ -76,13 +135,15 @@ class AdaptiveKLController(FixedKLController):
 # --- Rewards and advantages --------------------------------------------------------------------------------------
 
 
-def sequence_returns(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float,
-                     ended: torch.Tensor | None = None, missing_eos_penalty: float = 0.0) -> torch.Tensor:
-    """Per-sequence return: reward-model score - kl_coef * summed KL - a penalty for responses without EOS."""
-    returns = scores - kl_coef * masked_sum(kl, mask, dim=1)
-    if ended is not None and missing_eos_penalty:
-        returns = returns - missing_eos_penalty * (~ended).float()
-    return returns
+def missing_eos_penalized(scores: torch.Tensor, ended: torch.Tensor, penalty: float) -> torch.Tensor:
+    """The reward of each sequence: its reward-model score, less `penalty` where the response never ended.
+    Every algorithm starts from this (REINFORCE/RLOO as the sequence's reward, PPO on its last token)."""
+    return scores - penalty * (~ended).float()
+
+
+def sequence_returns(rewards: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """Per-sequence return: reward - kl_coef * the KL summed over the response."""
+    return rewards - kl_coef * masked_sum(kl, mask, dim=1)
 
 
 def baseline_advantages(returns: torch.Tensor, baseline: torch.Tensor) -> torch.Tensor:
@@ -136,26 +197,26 @@ def policy_gradient_loss(logp: torch.Tensor, advantages: torch.Tensor, mask: tor
 
 
 def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                    clip: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clipped surrogate, token-level. Returns (loss, fraction of tokens where the clip was active)."""
+                    clip: float = 0.2, tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped surrogate, token-level: the sum over tokens divided by `tokens` (default: the masked count here;
+    with data parallelism, the global count / processes, so averaging over processes gives the global mean).
+    Returns (loss, fraction of tokens where the clip was active)."""
     ratio = torch.exp(logp - old_logp)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1 - clip, 1 + clip)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    tokens = mask.sum().clamp(min=1) if tokens is None else tokens
+    loss = masked_sum(torch.maximum(unclipped, clipped), mask) / tokens
     clip_fraction = masked_mean((clipped > unclipped).float(), mask)
     return loss, clip_fraction
 
 
 def value_loss(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, old_values: torch.Tensor | None = None,
-               clip: float | None = None) -> torch.Tensor:
-    """0.5 * squared error, optionally clipped around the values at rollout time (PPO)."""
+               clip: float | None = None, tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """0.5 * squared error, optionally clipped around the values at rollout time (PPO); normalised as above."""
     loss = (values - returns) ** 2
     if old_values is not None and clip is not None:
         clipped = old_values + (values - old_values).clamp(-clip, clip)
         loss = torch.maximum(loss, (clipped - returns) ** 2)
-    return 0.5 * masked_mean(loss, mask)
+    tokens = mask.sum().clamp(min=1) if tokens is None else tokens
+    return 0.5 * masked_sum(loss, mask) / tokens
 
-
-def entropy_from_logprobs(logp: torch.Tensor) -> torch.Tensor:
-    """Entropy of the next-token distribution at each position, from its log-probabilities [..., V]."""
-    return -(logp.exp() * logp).sum(-1)

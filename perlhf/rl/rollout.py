@@ -6,13 +6,15 @@ Prompts are left-padded so every response starts at the same column P; responses
 
 from __future__ import annotations
 
+import inspect
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, TopPLogitsWarper
 
-from perlhf.backbone import Backbone, transformer_body
-from perlhf.rl.objectives import entropy_from_logprobs
+from perlhf.backbone import transformer_body
+from perlhf.rl.objectives import token_logprobs
 
 
 @dataclass
@@ -48,14 +50,15 @@ def pad_left(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Ten
 
 
 def encode_prompts(tokenizer, prompts: list, max_prompt_length: int) -> tuple[list[list[int]], int]:
-    """Token ids of each rendered prompt, cut from the left to max_prompt_length; returns (ids, how many were cut)."""
-    from perlhf.data import render_prompt
+    """Token ids of each prompt, encoded as reward training encodes it (`perlhf.data.prompt_token_ids`) and cut
+    from the left to max_prompt_length (a leading BOS is kept); returns (ids, how many were cut)."""
+    from perlhf.data import cut_prompt_left, prompt_token_ids
 
     encoded, cut = [], 0
     for prompt in prompts:
-        ids = tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+        ids = prompt_token_ids(tokenizer, prompt)
         if len(ids) > max_prompt_length:
-            ids, cut = ids[-max_prompt_length:], cut + 1
+            ids, cut = cut_prompt_left(ids, max_prompt_length, tokenizer.bos_token_id), cut + 1
         encoded.append(ids)
     return encoded, cut
 
@@ -78,20 +81,94 @@ def eos_token_ids(tokenizer, model) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
+class SeededSampler(LogitsProcessor):
+    """Samples each row from softmax(logits / T) with its own random stream, inside greedy decoding.
+
+    Gumbel-max: argmax(logits / T - log E) with E ~ Exp(1) is a draw from softmax(logits / T). Each row's noise
+    comes from a generator seeded by that sequence alone, so a sequence's sample does not depend on which other
+    sequences share its batch or process: a 2-process run samples what a 1-process run does. The temperature is
+    applied here and in `token_logprobs` the same way, so the log-probs describe the sampler exactly. A nucleus
+    (top_p < 1, through transformers' own warper) is for sampling that needs no log-probs (labelling data).
+    """
+
+    def __init__(self, temperature: float, seeds: list[int], device, top_p: float = 1.0):
+        self.temperature = temperature
+        self.nucleus = TopPLogitsWarper(top_p) if top_p < 1.0 else None
+        self.generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores = scores.float() / self.temperature
+        if self.nucleus is not None:
+            scores = self.nucleus(input_ids, scores)
+        noise = torch.stack([torch.empty(scores.size(-1), device=scores.device).exponential_(generator=g)
+                             for g in self.generators])
+        return scores - noise.log()
+
+
+def sequence_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (run seed, iteration, prompt index, sample index)."""
+    value = 0x9E3779B97F4A7C15
+    for part in parts:
+        value = (value ^ (int(part) + 0x9E3779B97F4A7C15 + (value << 6) + (value >> 2))) & (2**64 - 1)
+    return value & (2**63 - 1)
+
+
+def _hf_model(model):
+    from peft import PeftModel
+
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+# generation_config.json fields that only name tokens or bookkeeping: they do not change the distribution
+_NEUTRAL_GENERATION_FIELDS = {"bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id",
+                              "transformers_version", "_from_model_config", "max_length", "max_new_tokens", "use_cache",
+                              "output_attentions", "output_hidden_states", "output_scores", "output_logits",
+                              "return_dict_in_generate"}
+
+
+def ignored_generation_settings(model) -> dict:
+    """Settings in the model's own generation_config.json that perlhf's sampler does not apply (a repetition
+    penalty, top-k/top-p, min-p, suppressed tokens...): the log-probs could not describe them."""
+    shipped = _hf_model(model).generation_config.to_diff_dict()
+    return {k: v for k, v in shipped.items() if k not in _NEUTRAL_GENERATION_FIELDS}
+
+
+@contextmanager
+def _only_perlhf_generation_settings(model):
+    # generate() fills every field left unset from the model's generation_config.json; with a bare config in
+    # its place, the only processing of the logits is what perlhf passes.
+    hf = _hf_model(model)
+    shipped = hf.generation_config
+    hf.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        hf.generation_config = shipped
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
-             top_p: float = 1.0, do_sample: bool = True) -> Rollout:
-    """Sample one response per prompt with the KV cache (call inside the role that should generate)."""
+             seeds: list[int] | None = None, top_p: float = 1.0) -> Rollout:
+    """One response per prompt with the KV cache (call inside the role that should generate).
+
+    temperature > 0 samples from softmax(logits / temperature), row i from `seeds[i]` (default: seeds drawn
+    from torch's global generator); temperature 0 is greedy. Nothing from the model's generation_config.json
+    applies except its EOS ids.
+    """
     device = next(model.parameters()).device
     ids, mask = pad_left(prompt_ids, tokenizer.pad_token_id, device)
     eos = eos_token_ids(tokenizer, model)
-    generation = GenerationConfig(do_sample=do_sample, temperature=temperature if do_sample else None,
-                                  top_p=top_p if do_sample else None, top_k=0 if do_sample else None,
-                                  max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
-                                  use_cache=True)
+    processors = LogitsProcessorList()
+    if temperature > 0:
+        seeds = seeds if seeds is not None else torch.randint(0, 2**62, (len(prompt_ids),)).tolist()
+        processors.append(SeededSampler(temperature, seeds, device, top_p))
+    generation = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos,
+                                  pad_token_id=tokenizer.pad_token_id, use_cache=True)
     was_training = model.training
     model.eval()
-    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=generation)
+    with _only_perlhf_generation_settings(model):
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=generation,
+                             logits_processor=processors)
     model.train(was_training)
     response = out[:, ids.size(1):]
     if response.size(1) == 0:  # every prompt ended at once is impossible, but keep shapes valid
@@ -101,28 +178,69 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int,
     return Rollout(ids, mask, response, response_mask, ended)
 
 
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    # Positions count real tokens only, as generate() did, so left padding does not shift the positions.
+    return (mask.cumsum(dim=1) - 1).clamp(min=0)
+
+
 def _hidden(model, rollout: Rollout) -> torch.Tensor:
     mask = rollout.attention_mask
-    # Positions count real tokens only, as generate() did, so left padding does not shift the positions.
-    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-    body = transformer_body(model)
-    return body(input_ids=rollout.input_ids, attention_mask=mask, position_ids=positions, use_cache=False).last_hidden_state
+    return transformer_body(model)(input_ids=rollout.input_ids, attention_mask=mask, position_ids=_positions(mask),
+                                   use_cache=False).last_hidden_state
 
 
-def response_logprobs(model, rollout: Rollout, with_entropy: bool = False):
-    """log pi(y_t | x, y_<t) for each response token [B, T]; the LM head runs on response positions only."""
-    from peft import PeftModel
+def response_logits(model, rollout: Rollout) -> torch.Tensor:
+    """The model's own next-token logits before each response token [B, T, V].
 
-    hidden = _hidden(model, rollout)
-    start = rollout.prompt_ids.size(1)
-    states = hidden[:, start - 1:-1]  # the state before each response token
-    base = model.get_base_model() if isinstance(model, PeftModel) else model
-    all_logp = torch.log_softmax(base.get_output_embeddings()(states).float(), dim=-1)  # once: [B, T, vocab]
-    logp = all_logp.gather(-1, rollout.response_ids.unsqueeze(-1)).squeeze(-1) * rollout.response_mask
+    Through the model's forward, so each architecture's own logit transforms apply (Gemma-2 soft-capping, Cohere's
+    logit scale, Granite's logit scaling); `logits_to_keep` makes it project only the response positions.
+    """
+    mask, width = rollout.attention_mask, rollout.response_ids.size(1)
+    kwargs = {"logits_to_keep": width + 1} if _keeps_logits(model) else {}
+    logits = model(input_ids=rollout.input_ids, attention_mask=mask, position_ids=_positions(mask), use_cache=False,
+                   **kwargs).logits
+    return logits[:, -width - 1:-1]
+
+
+def _keeps_logits(model) -> bool:
+    return "logits_to_keep" in inspect.signature(_hf_model(model).forward).parameters
+
+
+def response_logprobs(model, rollout: Rollout, temperature: float = 1.0, with_entropy: bool = False):
+    """log pi_T(y_t | x, y_<t) for each response token [B, T] (0 on padding), pi_T = softmax(logits / T): the
+    distribution `generate` sampled from at that temperature. With entropy: also the entropy of pi_T [B, T]."""
+    out = token_logprobs(response_logits(model, rollout), rollout.response_ids, temperature, with_entropy)
     if with_entropy:
-        with torch.no_grad():  # a metric: no graph through the whole vocabulary
-            return logp, entropy_from_logprobs(all_logp)
-    return logp
+        return out[0] * rollout.response_mask, out[1]
+    return out * rollout.response_mask
+
+
+@torch.no_grad()
+def check_logprobs_match_sampler(model, tokenizer, prompt_ids: list[int], new_tokens: int = 4) -> float:
+    """Refuse a model family whose full-sequence forward does not reproduce the logits generate() samples from.
+
+    A few greedy tokens are generated with generate()'s own logits kept, then recomputed by `response_logits`;
+    returns the largest log-prob difference. Beyond float noise, RL would train on log-probs of another
+    distribution than the one that sampled, so it raises instead (at the start of a run, not after it).
+    """
+    device = next(model.parameters()).device
+    ids, mask = pad_left([prompt_ids], tokenizer.pad_token_id, device)
+    generation = GenerationConfig(do_sample=False, max_new_tokens=new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                  output_logits=True, return_dict_in_generate=True, use_cache=True)
+    with _only_perlhf_generation_settings(model):
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=generation)
+    response = out.sequences[:, ids.size(1):]
+    rollout = Rollout(ids, mask, response, torch.ones_like(response, dtype=torch.float), torch.zeros(1, dtype=torch.bool))
+    sampled = torch.log_softmax(torch.stack(out.logits, dim=1).float(), dim=-1)
+    recomputed = torch.log_softmax(response_logits(model, rollout).float(), dim=-1)
+    error = (sampled - recomputed).abs().max().item()
+    allowed = 1e-3 if next(model.parameters()).dtype == torch.float32 else 0.25
+    if not error <= allowed:
+        raise ValueError(f"{type(_hf_model(model)).__name__}: the log-probs perlhf computes over a whole sequence differ "
+                         f"from the logits generate() samples from by up to {error:.3g} nats (allowed {allowed}); RL "
+                         "would train on another distribution than the one that sampled, so this model family is not "
+                         "supported by perlhf RL")
+    return error
 
 
 def response_values(model, head: torch.nn.Module, rollout: Rollout) -> torch.Tensor:
@@ -135,10 +253,19 @@ def response_values(model, head: torch.nn.Module, rollout: Rollout) -> torch.Ten
 def prompt_values(model, head: torch.nn.Module, rollout: Rollout) -> torch.Tensor:
     """V(prompt) [B]: the value head on the last prompt token, running the prompt alone (left-padded)."""
     mask = rollout.prompt_mask
-    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-    hidden = transformer_body(model)(input_ids=rollout.prompt_ids, attention_mask=mask, position_ids=positions,
+    hidden = transformer_body(model)(input_ids=rollout.prompt_ids, attention_mask=mask, position_ids=_positions(mask),
                                      use_cache=False).last_hidden_state
     return head(hidden[:, -1].to(head.weight.dtype)).squeeze(-1).float()
+
+
+def response_texts(tokenizer, rollout: Rollout) -> list[str]:
+    """Each response as text, without the token that ended it (whichever EOS id that was), as a reward model
+    or a judge reads it."""
+    texts = []
+    for row, mask, ended in zip(rollout.response_ids, rollout.response_mask, rollout.ended.tolist()):
+        ids = row[mask.bool()].tolist()
+        texts.append(tokenizer.decode(ids[:-1] if ended else ids, skip_special_tokens=True))
+    return texts
 
 
 def prompt_and_response_lists(rollout: Rollout) -> tuple[list[list[int]], list[list[int]]]:
@@ -146,19 +273,3 @@ def prompt_and_response_lists(rollout: Rollout) -> tuple[list[list[int]], list[l
     prompts = [row[m.bool()].tolist() for row, m in zip(rollout.prompt_ids, rollout.prompt_mask)]
     responses = [row[m.bool()].tolist() for row, m in zip(rollout.response_ids, rollout.response_mask)]
     return prompts, responses
-
-
-@torch.no_grad()
-def score_responses(backbone: Backbone, adapter: str, rollout: Rollout, tokenizer) -> torch.Tensor:
-    """Scores from the head of `adapter` on prompt + response + EOS, right-padded, as the reward model was trained.
-
-    A reward model is trained on responses that always end in EOS, so a response cut off by max_new_tokens is
-    closed with EOS too: otherwise the head would read an unfinished position it never saw in training.
-    """
-    from perlhf.reward import pad_right
-
-    prompts, responses = prompt_and_response_lists(rollout)
-    closed = [r if ended else r + [tokenizer.eos_token_id] for r, ended in zip(responses, rollout.ended.tolist())]
-    ids, mask = pad_right([p + r for p, r in zip(prompts, closed)], tokenizer.pad_token_id, rollout.prompt_ids.device)
-    with backbone.role(adapter):
-        return backbone.scores(adapter, ids, mask)

@@ -7,6 +7,7 @@ Each iteration: sample responses (policy role) -> score them (reward role) -> lo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import time
@@ -16,12 +17,14 @@ from pathlib import Path
 import torch
 
 from perlhf import config as cfg
-from perlhf.backbone import Backbone, enable_gradient_checkpointing, last_token_scores, lora_config, new_head
+from perlhf import parallel
+from perlhf.backbone import Backbone, enable_gradient_checkpointing, lora_config, new_head
 from perlhf.config import check, field
 from perlhf.models import DEFAULT_MODEL
 from perlhf.rl import objectives as obj
-from perlhf.rl.rollout import (Rollout, encode_prompts, generate, prompt_and_response_lists, prompt_values,
-                               response_logprobs, response_values, score_responses)
+from perlhf.rl.rollout import (Rollout, check_logprobs_match_sampler, encode_prompts, generate,
+                               ignored_generation_settings, prompt_values, response_logprobs, response_texts,
+                               response_values, sequence_seed)
 
 ALGORITHMS = ("reinforce", "rloo", "ppo")
 
@@ -45,7 +48,9 @@ class RLConfig:
     learning_rate: float = field(1e-4, "policy adapter learning rate")
     value_learning_rate: float = field(1e-4, "value adapter and head learning rate")
     lr_scheduler_type: str = field("constant", "transformers scheduler name")
-    max_grad_norm: float = field(1.0, "gradient clipping norm")
+    max_grad_norm: float = field(1.0, "gradient clipping norm of the policy adapter")
+    value_max_grad_norm: float | None = field(None, "gradient clipping norm of the value adapter and head, clipped "
+                                                    "apart from the policy's (default: --max-grad-norm)")
     lora_rank: int = field(8, "policy and value LoRA rank")
     lora_alpha: float = field(16.0, "LoRA alpha")
     lora_target: str = field("attention", "attention, all-linear, or comma-separated module names")
@@ -57,8 +62,9 @@ class RLConfig:
     kl_horizon: int = field(10000, "adaptive KL controller horizon, in samples")
     max_prompt_length: int = field(256, "prompt tokens kept (cut from the left)")
     max_new_tokens: int = field(48, "maximum tokens per response")
-    temperature: float = field(1.0, "sampling temperature")
-    top_p: float = field(1.0, "nucleus sampling")
+    temperature: float = field(1.0, "sampling temperature; log-probs, KL, ratios and entropy are those of "
+                                    "softmax(logits / temperature), the distribution that sampled")
+    top_p: float = field(1.0, "must stay 1: RL samples the whole tempered distribution (see --temperature)")
     missing_eos_penalty: float = field(0.0, "subtracted from the reward of responses that never end")
     whiten_advantages: bool = field(True, "normalise advantages over the batch")
     clip_range: float = field(0.2, "PPO policy clip")
@@ -101,10 +107,14 @@ class RLConfig:
         check(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
         check(self.max_prompt_length >= 1, "max_prompt_length", "must be >= 1")
         check(self.temperature > 0, "temperature", "must be > 0")
-        check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        check(self.top_p == 1.0, "top_p", "must be 1 for RL: a nucleus gives zero probability to tokens the updated "
+              "policy and the reference still assign mass to, so log-probs, PPO ratios and the KL would be infinite or "
+              "wrong; sharpen sampling with --temperature instead, which the log-probs follow exactly")
         check(self.save_steps >= 1 and self.save_total_limit >= 1, "save_steps", "--save-steps and --save-total-limit must be >= 1")
         check(self.lora_alpha > 0, "lora_alpha", f"must be > 0 (got {self.lora_alpha})")
         check(self.max_grad_norm > 0, "max_grad_norm", f"must be > 0 (got {self.max_grad_norm})")
+        check(self.value_max_grad_norm is None or self.value_max_grad_norm > 0, "value_max_grad_norm",
+              f"must be > 0 (got {self.value_max_grad_norm})")
         check(self.clip_range > 0, "clip_range", f"must be > 0 (got {self.clip_range})")
         check(self.value_clip_range > 0, "value_clip_range", f"must be > 0 (got {self.value_clip_range})")
         check(0 <= self.gamma <= 1, "gamma", f"must be in [0, 1] (got {self.gamma})")
@@ -129,8 +139,7 @@ class Roles:
     policy started from an adapter, in which case it is a frozen copy of that adapter."""
 
     def __init__(self, config: RLConfig, loaded, verbose: bool = True):
-        from perlhf.reward import load_reward_model
-        from perlhf.backbone import read_lora_config
+        from perlhf.reward import RewardModel, load_reward_model
 
         self.config, self.tokenizer = config, loaded.tokenizer
         self.backbone = Backbone(loaded.model)
@@ -147,17 +156,19 @@ class Roles:
         reward_info = json.loads((Path(config.reward_model) / "adapter_config.json").read_text(encoding="utf-8")) \
             if (Path(config.reward_model) / "adapter_config.json").exists() else {}
         self.shared_reward = bool(reward_info) and _same_model(reward_info.get("base_model_name_or_path"), config.model)
-        self.separate_reward = None
         if self.shared_reward:
             self.backbone.load_adapter("reward", config.reward_model, trainable=False)
+            # The reward role read as `perlhf rm score` reads it: same encoding, same --max-length truncation.
+            self.reward = RewardModel(self.backbone.model, self.backbone.heads["reward"], self.tokenizer,
+                                      int(reward_info.get("perlhf_max_length", 512)), config.model)
         else:
             before = _parameter_bytes(base)
-            self.separate_reward = load_reward_model(config.reward_model, device=str(next(base.parameters()).device),
-                                                     dtype=config.dtype, verbose=verbose)
+            self.reward = load_reward_model(config.reward_model, device=str(next(base.parameters()).device),
+                                            dtype=config.dtype, verbose=verbose)
             if verbose:
                 print(f"perlhf: the reward model was trained on another base "
-                      f"({self.separate_reward.base_model or config.reward_model}); it is loaded as a separate model, "
-                      f"costing {_parameter_bytes(self.separate_reward) / 2**20:.0f} MiB of weights beside the "
+                      f"({self.reward.base_model or config.reward_model}); it is loaded as a separate model, "
+                      f"costing {_parameter_bytes(self.reward) / 2**20:.0f} MiB of weights beside the "
                       f"{before / 2**20:.0f} MiB shared backbone")
 
         if config.uses_value:
@@ -168,22 +179,22 @@ class Roles:
                                                                config.lora_target), trainable=True)
                 self.backbone.heads["value"] = new_head(base)
                 self.backbone.set_trainable("value", True)
+        disable_dropout(self.backbone.model)
 
     def scores(self, rollout: Rollout, prompts: list) -> torch.Tensor:
-        """Reward-model scores of each (prompt, response) in the same layout the reward model was trained on."""
-        if self.separate_reward is not None:
-            _, responses = prompt_and_response_lists(rollout)
-            texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
-            return torch.tensor(self.separate_reward.score(prompts, texts), device=rollout.prompt_ids.device)
-        return score_responses(self.backbone, "reward", rollout, self.tokenizer)
+        """Reward-model scores of each (prompt, response text): exactly what `perlhf rm score` gives, whichever
+        EOS id ended the response (the text is read without it, and the reward model's own EOS closes it)."""
+        texts = response_texts(self.tokenizer, rollout)
+        with self.backbone.role("reward") if self.shared_reward else contextlib.nullcontext():
+            return torch.tensor(self.reward.score(prompts, texts), device=rollout.prompt_ids.device)
 
     def policy_logprobs(self, rollout: Rollout, with_entropy: bool = False, train: bool = False):
         with self.backbone.role("policy", train=train):
-            return response_logprobs(self.backbone.model, rollout, with_entropy)
+            return response_logprobs(self.backbone.model, rollout, self.config.temperature, with_entropy)
 
     def reference_logprobs(self, rollout: Rollout) -> torch.Tensor:
         with torch.no_grad(), self.backbone.role(self.reference):
-            return response_logprobs(self.backbone.model, rollout)
+            return response_logprobs(self.backbone.model, rollout, self.config.temperature)
 
     def values(self, rollout: Rollout, train: bool = False) -> torch.Tensor:
         with self.backbone.role("value", train=train):
@@ -202,6 +213,26 @@ class Roles:
     def trainable(self) -> tuple[list, list]:
         value = self.backbone.trainable_parameters("value") if self.config.uses_value else []
         return self.backbone.trainable_parameters("policy"), value
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Zero every dropout probability: of the backbone, of its config, and of the LoRA adapters loaded on it.
+
+    RL passes must compute the log-probs of the policy that sampled, and sampling runs without dropout. Train
+    mode cannot simply be left off, because transformers' gradient checkpointing only runs in train mode; so
+    dropout is removed instead (nn.Dropout modules, and the float rates attention layers read in forward).
+    """
+    configs = [getattr(model, "config", None)] + [getattr(m, "config", None) for m in model.modules()]
+    for config in {id(c): c for c in configs if c is not None}.values():
+        for key, value in vars(config).items():
+            if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
+                setattr(config, key, 0.0)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for key, value in list(vars(module).items()):
+            if "dropout" in key and isinstance(value, float):
+                setattr(module, key, 0.0)
 
 
 def _same_model(a: str | None, b: str) -> bool:
@@ -223,8 +254,8 @@ class Batch:
     rollout: Rollout
     old_logp: torch.Tensor    # policy log-probs at sampling time [B, T]
     kl: torch.Tensor          # per-token KL estimate to the reference [B, T]
-    scores: torch.Tensor      # reward-model scores [B]
-    returns: torch.Tensor     # scores - kl_coef * KL - EOS penalty [B]
+    rewards: torch.Tensor     # reward-model scores less the missing-EOS penalty [B]
+    returns: torch.Tensor     # rewards - kl_coef * KL [B]
     kl_coef: float            # the coefficient in force when this batch was sampled
     live_logp: torch.Tensor | None = None  # old_logp with its graph, when the update may reuse that pass
 
@@ -236,6 +267,14 @@ def minibatches(size: int, mini: int, epochs: int, generator: torch.Generator):
             yield order[start:start + mini]
 
 
+def whiten(values: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Advantages normalised over the global batch (every process's sequences), as one process would."""
+    mask = torch.ones_like(values) if mask is None else mask
+    if parallel.all_sum(mask.sum()).item() < 2:  # one sequence: nothing to normalise against
+        return values
+    return obj.masked_whiten(values, mask, total=parallel.all_sum)
+
+
 def update_reinforce(roles: Roles, batch: Batch, step, config: RLConfig, generator) -> dict:
     """The paper's REINFORCE with a learned value baseline: A = R - V(prompt); value regressed on R."""
     stats = []
@@ -245,8 +284,8 @@ def update_reinforce(roles: Roles, batch: Batch, step, config: RLConfig, generat
         v_loss = obj.value_loss(predicted, batch.returns[index], torch.ones_like(predicted))
         roles.backward("value", config.value_coef * v_loss)
         advantages = obj.baseline_advantages(batch.returns[index], predicted.detach())
-        if config.whiten_advantages and len(index) > 1:
-            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+        if config.whiten_advantages:
+            advantages = whiten(advantages)
         policy_loss = obj.policy_gradient_loss(_policy_logprobs(roles, batch, index), advantages, part.response_mask)
         roles.backward("policy", policy_loss)
         stats.append({"loss/policy": policy_loss.item(), "loss/value": v_loss.item(), **step(policy_loss + v_loss)})
@@ -257,7 +296,7 @@ def update_rloo(roles: Roles, batch: Batch, step, config: RLConfig, generator) -
     """RLOO: k samples per prompt, each compared with the mean of the other k-1; no critic."""
     advantages = obj.rloo_advantages(batch.returns, config.samples_per_prompt)
     if config.whiten_advantages:
-        advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+        advantages = whiten(advantages)
     stats = []
     for index in minibatches(len(batch.returns), config.mini_batch_size or len(batch.returns), config.update_epochs, generator):
         part = batch.rollout.select(index)
@@ -268,23 +307,27 @@ def update_rloo(roles: Roles, batch: Batch, step, config: RLConfig, generator) -
 
 
 def update_ppo(roles: Roles, batch: Batch, step, config: RLConfig, generator) -> dict:
-    """PPO: per-token rewards (KL on every token, score at the end), GAE with the value adapter, clipped losses."""
+    """PPO: per-token rewards (KL on every token, the reward on the last), GAE with the value adapter, clipped losses."""
     mask = batch.rollout.response_mask
     with torch.no_grad():
         old_values = roles.values(batch.rollout) * mask
-    rewards = obj.token_rewards(batch.scores, batch.kl, mask, batch.kl_coef)
+    rewards = obj.token_rewards(batch.rewards, batch.kl, mask, batch.kl_coef)
     advantages, returns = obj.gae(rewards, old_values, mask, config.gamma, config.lam)
     if config.whiten_advantages:
-        advantages = obj.masked_whiten(advantages, mask)
+        advantages = whiten(advantages, mask)
     stats = []
     for index in minibatches(len(batch.returns), config.mini_batch_size or len(batch.returns), config.update_epochs, generator):
         part = batch.rollout.select(index)
+        # Token means over the global mini-batch: each process divides its sum by (global tokens / processes),
+        # so the average over processes that the gradient all-reduce takes is the one-process loss.
+        tokens = parallel.all_sum(part.response_mask.sum()).clamp(min=1) / parallel.world_size()
         logp = roles.policy_logprobs(part, train=True)
         policy_loss, clip_fraction = obj.ppo_policy_loss(logp, batch.old_logp[index], advantages[index],
-                                                         part.response_mask, config.clip_range)
+                                                         part.response_mask, config.clip_range, tokens)
         roles.backward("policy", policy_loss)
         values = roles.values(part, train=True)
-        v_loss = obj.value_loss(values, returns[index], part.response_mask, old_values[index], config.value_clip_range)
+        v_loss = obj.value_loss(values, returns[index], part.response_mask, old_values[index], config.value_clip_range,
+                                tokens)
         roles.backward("value", config.value_coef * v_loss)
         stats.append({"loss/policy": policy_loss.item(), "loss/value": v_loss.item(),
                       "ppo/clip_fraction": clip_fraction.item(), **step(policy_loss + v_loss)})
@@ -310,7 +353,12 @@ def reuses_sampling_pass(config: RLConfig) -> bool:
 
 
 def _mean(rows: list[dict]) -> dict:
-    return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]} if rows else {}
+    """Per-key means over optimizer steps, then over processes (one collective for all keys)."""
+    if not rows:
+        return {}
+    keys = list(rows[0])
+    local = torch.tensor([sum(r[k] for r in rows) / len(rows) for k in keys], dtype=torch.float64)
+    return dict(zip(keys, (parallel.all_sum(local) / parallel.world_size()).tolist()))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -321,19 +369,21 @@ def train_policy(config: RLConfig) -> dict:
     from accelerate import Accelerator
     from transformers import get_scheduler
 
-    from perlhf.checkpoint import (CheckpointManager, apply_learning_rates, capture_rng_state, load_training_state,
-                                   restore_rng_state, save_training_state)
+    from perlhf.checkpoint import (CheckpointManager, apply_learning_rates, check_global_batch, global_batch_meta,
+                                   load_training_state, restore_rng_state, save_training_state)
     from perlhf.data import load_prompts
     from perlhf.guards import NonFiniteGuard, StopRequest, prepare_run_dir, writing
     from perlhf.metrics import MetricsLogger, peak_memory_mb
     from perlhf.models import load_model
 
     accelerator = Accelerator(cpu=config.device == "cpu")
-    main, world = accelerator.is_main_process, accelerator.num_processes
+    main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
     run_dir = Path(config.output_dir)
     resuming = prepare_run_dir(run_dir, overwrite=config.overwrite_output_dir) if main else False
     accelerator.wait_for_everyone()
-    torch.manual_seed(config.seed + accelerator.process_index)
+    # The same seed on every process, so adapters and heads start equal (and are broadcast below to be sure);
+    # sampling does not use this generator: each sequence has its own seed (`sequence_seed`).
+    torch.manual_seed(config.seed)
     random.seed(config.seed)
 
     with accelerator.main_process_first():
@@ -343,16 +393,29 @@ def train_policy(config: RLConfig) -> dict:
     prompts, report = load_prompts(config.prompts, column=config.prompt_column,
                                    rejects_path=run_dir / "rejects-prompts.jsonl" if main else None, limit=config.limit)
     encoded, cut = encode_prompts(tokenizer, prompts, config.max_prompt_length)
-    if len(encoded) < config.batch_size * world:
-        raise cfg.ConfigError(f"--batch-size: {config.batch_size * world} prompts per iteration across {world} "
+    global_batch = config.batch_size * world
+    if len(encoded) < global_batch:
+        raise cfg.ConfigError(f"--batch-size: {global_batch} prompts per iteration across {world} "
                               f"process(es) is more than the {len(encoded)} prompts")
     if main:
         print(f"perlhf: prompts: {report.summary()}; {cut} cut to --max-prompt-length {config.max_prompt_length}")
+        if world > 1:
+            print(f"perlhf: data parallel over {world} processes: {global_batch} prompts per iteration "
+                  f"({config.batch_size} per process)")
     roles = Roles(config, loaded, verbose=main)
+    with roles.backbone.role("policy"):
+        logit_error = check_logprobs_match_sampler(roles.backbone.model, tokenizer, encoded[0])
+    ignored = ignored_generation_settings(loaded.model)
+    if main:
+        print(f"perlhf: log-probs checked against generate() for {type(loaded.model).__name__} "
+              f"(max |error| {logit_error:.1e} nats); sampling softmax(logits / {config.temperature:g})"
+              + ("; not applied from the model's generation_config.json: "
+                 + ", ".join(f"{k}={v}" for k, v in ignored.items()) if ignored else ""))
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(loaded.model)
     single_pass = reuses_sampling_pass(config)
     policy_params, value_params = roles.trainable()
+    parallel.broadcast_parameters(policy_params + value_params)
     groups = [{"params": policy_params, "lr": config.learning_rate}]
     if value_params:
         groups.append({"params": value_params, "lr": config.value_learning_rate})
@@ -374,11 +437,17 @@ def train_policy(config: RLConfig) -> dict:
     start = 0
     latest = checkpoints.latest() if (resuming or not main) else None
     if latest is not None:
+        check_global_batch(latest.meta, run_dir, world, config.batch_size, "--batch-size")
         roles.backbone.load_adapter_weights("policy", latest.path / "policy")
         if config.uses_value:
             roles.backbone.load_adapter_weights("value", latest.path / "value")
         state = load_training_state(latest.path / "training_state.pt", optimizer=optimizer, scheduler=scheduler)
-        restore_rng_state(state["rng"][accelerator.process_index] if isinstance(state["rng"], list) else state["rng"])
+        rng = state["rng"]
+        if not isinstance(rng, list):
+            restore_rng_state(rng)
+        elif len(rng) == world:
+            restore_rng_state(rng[rank])
+        # else: another process count; sampling is seeded per sequence, so nothing drawn later depends on it
         kl_control.load_state_dict(latest.meta["kl_controller"])
         apply_learning_rates(optimizer, scheduler, [config.learning_rate, config.value_learning_rate][:len(groups)], main)
         start = latest.step
@@ -397,53 +466,58 @@ def train_policy(config: RLConfig) -> dict:
         if main:
             with writing(run_dir):
                 checkpoints.save(iteration, write, {"kl_controller": kl_control.state_dict(), "guard": guard.state_dict(),
-                                                    "prompts_seen": iteration * config.batch_size * world})
+                                                    "prompts_seen": iteration * global_batch,
+                                                    **global_batch_meta(world, config.batch_size)})
         accelerator.wait_for_everyone()
 
     guard = NonFiniteGuard(max_in_row=3)
     if latest is not None:
         guard.load_state_dict(latest.meta.get("guard", {}))
     all_params = policy_params + value_params
+    value_norm_limit = config.value_max_grad_norm or config.max_grad_norm
 
     def optimizer_step(loss: torch.Tensor) -> dict:
-        if world > 1:  # roles share one module, so gradients are averaged by hand instead of through DDP
-            for p in all_params:
-                if p.grad is not None:
-                    p.grad = accelerator.reduce(p.grad, reduction="mean")
-        norm = torch.nn.utils.clip_grad_norm_(all_params, config.max_grad_norm)
-        ok = guard.step_ok(loss.detach(), all_params, current["iteration"])
+        # The roles share one module, so DDP's hooks cannot serve them; gradients are averaged in buckets instead.
+        parallel.average_gradients(all_params)
+        # Each role clipped on its own: a large value gradient must not shrink the policy's step.
+        norms = {"train/grad_norm": float(torch.nn.utils.clip_grad_norm_(policy_params, config.max_grad_norm))}
+        if value_params:
+            norms["train/value_grad_norm"] = float(torch.nn.utils.clip_grad_norm_(value_params, value_norm_limit))
+        # The same loss and gradients on every process, so every process skips (or stops) together.
+        ok = guard.step_ok(parallel.all_sum(loss.detach().float()) / world, all_params, current["iteration"])
         if ok:
             optimizer.step()
             scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        return {"train/grad_norm": float(norm)}
+        return norms
 
     current = {"iteration": start}
     generator = torch.Generator().manual_seed(config.seed)
     logger = MetricsLogger(run_dir, config.max_steps, start, enabled=main, description=config.algorithm)
-    per_epoch = max(1, len(encoded) // (config.batch_size * world))
+    per_epoch = max(1, len(encoded) // global_batch)
     with StopRequest() as stop:
         for iteration in range(start, config.max_steps):
             current["iteration"] = iteration + 1
             generator.manual_seed(config.seed * 7919 + iteration)
-            # -- which prompts: a fixed permutation per epoch, so a resumed run continues where it stopped
+            # -- which prompts: a fixed permutation per epoch, so a resumed run continues where it stopped; each
+            # process takes every world-th prompt of the global batch
             epoch, position = divmod(iteration, per_epoch)
             order = list(range(len(encoded)))
             random.Random(config.seed + epoch).shuffle(order)
-            chunk = order[position * config.batch_size * world:(position + 1) * config.batch_size * world]
-            chunk = chunk[accelerator.process_index::world] or order[:config.batch_size]
-            chosen = [i for i in chunk for _ in range(config.samples_per_prompt)]
+            chunk = order[position * global_batch:(position + 1) * global_batch][rank::world]
+            chosen = [(i, j) for i in chunk for j in range(config.samples_per_prompt)]
+            seeds = [sequence_seed(config.seed, iteration, i, j) for i, j in chosen]
             timings = {}
 
             tick = time.perf_counter()
             with roles.backbone.role("policy"):
-                rollout = generate(roles.backbone.model, tokenizer, [encoded[i] for i in chosen],
-                                   config.max_new_tokens, config.temperature, config.top_p)
+                rollout = generate(roles.backbone.model, tokenizer, [encoded[i] for i, _ in chosen],
+                                   config.max_new_tokens, config.temperature, seeds)
             timings["time/generate"] = time.perf_counter() - tick
 
             tick = time.perf_counter()
             with torch.no_grad():
-                scores = roles.scores(rollout, [prompts[i] for i in chosen])
+                scores = roles.scores(rollout, [prompts[i] for i, _ in chosen])
             timings["time/score"] = time.perf_counter() - tick
 
             tick = time.perf_counter()
@@ -455,41 +529,48 @@ def train_policy(config: RLConfig) -> dict:
 
             mask = rollout.response_mask
             kl = obj.kl_per_token(old_logp, ref_logp, config.kl_estimator) * mask
-            returns = obj.sequence_returns(scores, kl, mask, kl_control.coef, rollout.ended, config.missing_eos_penalty)
-            batch = Batch(rollout, old_logp, kl, scores, returns, kl_control.coef, live_logp if single_pass else None)
+            rewards = obj.missing_eos_penalized(scores, rollout.ended, config.missing_eos_penalty)
+            returns = obj.sequence_returns(rewards, kl, mask, kl_control.coef)
+            batch = Batch(rollout, old_logp, kl, rewards, returns, kl_control.coef, live_logp if single_pass else None)
 
             tick = time.perf_counter()
             update_stats = UPDATES[config.algorithm](roles, batch, optimizer_step, config, generator)
             timings["time/update"] = time.perf_counter() - tick
 
+            # -- metrics of the global batch, the same on every process
             sequence_kl = obj.masked_sum(kl, mask, dim=1)
-            kl_control.update(accelerator.reduce(sequence_kl.mean(), "mean").item(), rollout_size * world)
+            mean_kl = parallel.global_mean(sequence_kl)
+            kl_control.update(mean_kl, rollout_size * world)
             lengths = mask.sum(dim=1)
+            entropy_sum, tokens = parallel.all_sum(torch.stack([obj.masked_sum(entropy, mask), mask.sum()])).tolist()
             elapsed = sum(timings.values())
             metrics = {
-                "reward/score": accelerator.reduce(scores.mean(), "mean").item(),
-                "reward/kl": accelerator.reduce(sequence_kl.mean(), "mean").item(),
-                "reward/return": accelerator.reduce(returns.mean(), "mean").item(),
+                "reward/score": parallel.global_mean(scores),
+                "reward/kl": mean_kl,
+                "reward/return": parallel.global_mean(returns),
                 "kl/coef": batch.kl_coef,
-                "policy/entropy": obj.masked_mean(entropy, mask).item(),
-                "policy/response_length": lengths.mean().item(),
-                "policy/eos_rate": rollout.ended.float().mean().item(),
-                "perf/tokens_per_second": lengths.sum().item() * world / max(elapsed, 1e-9),
+                "policy/entropy": entropy_sum / max(tokens, 1.0),
+                "policy/response_length": parallel.global_mean(lengths),
+                "policy/eos_rate": parallel.global_mean(rollout.ended.float()),
+                "perf/tokens_per_second": tokens / max(elapsed, 1e-9),
                 "memory/peak_mb": peak_memory_mb(accelerator.device),
                 "train/skipped_steps": guard.skipped,
                 **update_stats, **timings,
             }
             logger.log(iteration + 1, metrics, show=("reward/score", "reward/kl", "policy/response_length"))
             logger.advance()
-            if (iteration + 1) % config.save_steps == 0 or iteration + 1 == config.max_steps or stop.requested:
+            stopping = parallel.any_process(stop.requested)  # a signal to one process stops them all, here
+            if (iteration + 1) % config.save_steps == 0 or iteration + 1 == config.max_steps or stopping:
                 save_checkpoint(iteration + 1)
-            if stop.requested:
+            if stopping:
                 logger.close()
                 if main:
                     print(f"perlhf: stopped at iteration {iteration + 1}; checkpoint saved. "
                           "Re-run the same command to resume.")
+                parallel.finish()
                 return {"stopped_at": iteration + 1}
     logger.close()
+    fingerprint = parallel.check_identical(all_params, "policy and value weights")
 
     if main:
         with writing(run_dir):
@@ -500,8 +581,10 @@ def train_policy(config: RLConfig) -> dict:
                                             extra_config={"base_model_name_or_path": config.model})
             cfg.save_yaml(config, run_dir / "training_config.yaml")
         print(f"perlhf: policy adapter saved to {run_dir / 'policy'}")
-    return {"iterations": config.max_steps, "policy": str(run_dir / "policy"),
-            "peak_memory_mb": peak_memory_mb(accelerator.device), "skipped_steps": guard.skipped}
+    parallel.finish()
+    return {"iterations": config.max_steps, "policy": str(run_dir / "policy"), "processes": world,
+            "weights_sha256": fingerprint, "peak_memory_mb": peak_memory_mb(accelerator.device),
+            "skipped_steps": guard.skipped}
 
 
 def _gather_rng(accelerator) -> list | dict:
