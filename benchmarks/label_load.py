@@ -1,8 +1,9 @@
 """Load test of the labelling server: many labellers answering at once against a real uvicorn on 127.0.0.1.
 
-Each simulated labeller signs in with their link (cookie), fetches the CSRF token, then answers pairs as fast
-as the server lets them, through the same JSON API the page uses. Afterwards the database is checked: every
-acknowledged answer is there exactly once, nobody answered a pair twice, no pair has more than K answers.
+Each simulated labeller signs in with their link (opens it, presses the button: a session cookie), fetches the
+CSRF token, then answers pairs as fast as the server lets them, through the same JSON API the page uses.
+Afterwards the database is checked: every acknowledged answer is there exactly once, nobody answered a pair
+twice, no pair has more than K answers.
 
     python benchmarks/label_load.py --labellers 50 --answers 20 --labels-per-pair 2
 """
@@ -29,13 +30,14 @@ from perlhf.label.store import LabelStore, Response  # noqa: E402
 CHOICES = ("left", "right", "tie", "both_bad")
 
 
-async def labeller(base_url: str, token: str, answers: int, seed: int, latencies: list[float]) -> int:
-    """Sign in and answer `answers` pairs; returns how many answers the server acknowledged."""
+async def labeller(base_url: str, link: str, answers: int, seed: int, latencies: list[float]) -> int:
+    """Sign in with a link code and answer `answers` pairs; returns how many answers the server acknowledged."""
     rng = random.Random(seed)
     async with httpx.AsyncClient(base_url=base_url, timeout=30, follow_redirects=True) as client:
-        (await client.get("/", params={"token": token})).raise_for_status()
+        (await client.get("/signin", params={"invite": link})).raise_for_status()
+        (await client.post("/signin", data={"invite": link})).raise_for_status()
         csrf = (await client.get("/api/me")).json()["csrf"]
-        state = (await client.get("/api/next")).json()
+        state = (await client.post("/api/next", json={}, headers={"X-CSRF-Token": csrf})).json()
         done = 0
         while done < answers and state["pair"] is not None:
             started = time.perf_counter()
@@ -73,11 +75,13 @@ def run_load(labellers: int = 50, answers: int = 20, labels_per_pair: int = 2, t
         for i in range(pairs):
             store.add_pair(f"prompt {i}", Response(f"response a {i}", "load"), Response(f"response b {i}", "load"),
                            labels_wanted=labels_per_pair)
-        tokens = [store.add_labeller(f"labeller{i}") for i in range(labellers)]
+        for i in range(labellers):
+            store.add_labeller(f"labeller{i}")
+        links = [store.invite(f"labeller{i}") for i in range(labellers)]
         latencies: list[float] = []
         with serving(db, stop_after=timeout + 30) as url:
             async def everyone() -> list[int]:
-                jobs = [labeller(url, t, answers, i, latencies) for i, t in enumerate(tokens)]
+                jobs = [labeller(url, link, answers, i, latencies) for i, link in enumerate(links)]
                 return await asyncio.wait_for(asyncio.gather(*jobs), timeout)
 
             started = time.perf_counter()

@@ -61,6 +61,15 @@ def transformer_body(model: nn.Module) -> nn.Module:
     return getattr(model, model.base_model_prefix)
 
 
+def keeps_logits(model: nn.Module) -> bool:
+    """Whether the causal LM's forward takes `logits_to_keep` (project only the positions asked for)."""
+    import inspect
+
+    if isinstance(model, PeftModel):
+        model = model.get_base_model()
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
 def last_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Final hidden states [B, T, H]. Skips the LM head: a reward or value model does not need the vocab logits."""
     return transformer_body(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state

@@ -9,7 +9,7 @@ from perlhf.config import ConfigError
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    from perlhf import demo, evaluate, export, report, reward
+    from perlhf import demo, evaluate, export, report, reward, sft
     from perlhf.label.cli import register as register_label
     from perlhf.rl import trainer
 
@@ -17,6 +17,8 @@ def _build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo.register_cli(commands.add_parser("demo", help="the whole PERL loop on the default model"))
+    sft_command = commands.add_parser("sft", help="supervised fine-tuning: the anchor that RL starts from")
+    sft.register_cli(sft_command.add_subparsers(dest="action", required=True))
     rm = commands.add_parser("rm", help="reward models: train, eval, score")
     reward.register_cli(rm.add_subparsers(dest="action", required=True))
     rl = commands.add_parser("rl", help="RL: train a policy adapter against a reward model")

@@ -1,4 +1,5 @@
-"""Preference data: load pairs, pointwise ratings and prompts from files or Hugging Face datasets; tokenize them.
+"""Training data: load preference pairs, pointwise ratings, SFT examples and prompts from files or Hugging Face
+datasets; tokenize them.
 
 Every record read is either kept or skipped with a counted reason (and written to an optional rejects file), so
 `report.total == report.kept + sum(report.skipped.values())` always holds. Problems with a whole file (missing,
@@ -43,6 +44,9 @@ FIELDS = {
     "votes": "comma-separated vote columns: 1 prefers response_a, 2 response_b, 0 a tie",
     "context": "Taskmaster-style JSON-encoded list of turns (role agent/user/api)",
     "generation": "Taskmaster-style JSON-encoded agent turn (text or api call)",
+    "completion": "the target reply of an SFT prompt/completion record",
+    "messages": "an SFT conversation [{role, content}]: every assistant turn is a target",
+    "text": "plain SFT text: all of it is the target",
 }
 
 
@@ -64,6 +68,16 @@ class RatedResponse:
     response: str
     label: float
     origin: str
+
+
+@dataclass(frozen=True)
+class SFTExample:
+    """A supervised example: `completion` is the target after `prompt`; plain text has prompt "" (all target); a
+    conversation has `messages`, whose every assistant turn is a target (prompt and completion then unused)."""
+    prompt: str | list[dict]
+    completion: str
+    origin: str
+    messages: list[dict] | None = None
 
 
 @dataclass(frozen=True)
@@ -133,6 +147,13 @@ def load_prompts(source: str, *, column: str | None = None, rejects_path: str | 
             raise DataError(f"column must be one column name or 'prompt_column,input_column' (got {column!r})")
         columns = {"prompt": names[0]} | ({"input": names[1]} if len(names) == 2 else {})
     return _load(source, mode="prompts", columns=_check_columns(columns), rejects_path=rejects_path, limit=limit)
+
+
+def load_sft(source: str, *, columns: dict[str, str] | None = None, rejects_path: str | Path | None = None,
+             limit: int | None = None) -> tuple[list[SFTExample], LoadReport]:
+    """Load SFT examples: `messages` conversations, `prompt`/`completion`, plain `text`, or the chosen side of
+    preference pairs (HH-RLHF dialogues included), with the same validation and counted rejects as pairs."""
+    return _load(source, mode="sft", columns=_check_columns(columns), rejects_path=rejects_path, limit=limit)
 
 
 def split_train_validation(records: list, validation_fraction: float, seed: int) -> tuple[list, list]:
@@ -242,6 +263,54 @@ def encode_example(tokenizer, prompt: str | list[dict], response: str, max_lengt
         prompt_ids = cut_prompt_left(prompt_ids, max(room, 1), tokenizer.bos_token_id)
         response_ids = response_ids[:max_length - len(prompt_ids)]
     return EncodedExample(prompt_ids + response_ids, len(prompt_ids), truncated)
+
+
+def encode_sft(tokenizer, example: SFTExample, max_length: int, train_on_prompt: bool = False
+               ) -> tuple[list[int], list[bool], bool]:
+    """(token ids, which tokens are targets, truncated) of an SFT example, encoded as reward training and RL encode
+    prompts and replies: the prompt by `prompt_token_ids`, each target apart and closed by EOS, so the reply the
+    model learns is the token sequence RL later samples after the same prompt. Too long: as `encode_example`.
+
+    A conversation is cut into the pieces its chat template renders: before each assistant turn (not a target)
+    and the turn itself with its end-of-turn tokens (a target). Too long: its oldest turns are cut.
+    """
+    eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
+    if example.messages is None:
+        prompt = prompt_token_ids(tokenizer, example.prompt) if example.prompt else _leading_special_ids(tokenizer)
+        reply = list(tokenizer.encode(example.completion, add_special_tokens=False))
+        if eos is not None and (not reply or reply[-1] != eos):
+            reply.append(eos)
+        truncated = len(prompt) + len(reply) > max_length
+        if truncated:  # the rule of encode_example: the whole reply if it fits, else its start
+            prompt = cut_prompt_left(prompt, max(max_length - len(reply), 1), bos) if prompt else prompt
+            reply = reply[:max_length - len(prompt)]
+        targets = [train_on_prompt] * len(prompt) + [True] * len(reply)
+        return prompt + reply, targets, truncated
+    ids, targets, done = [], [], ""
+    for turn, message in enumerate(example.messages):
+        if message["role"] != "assistant":
+            continue
+        before = render_prompt(tokenizer, example.messages[:turn]) if turn else ""
+        through = _render_conversation(tokenizer, example.messages[:turn + 1])
+        if not before.startswith(done) or not through.startswith(before):
+            raise DataError(f"{example.origin}: the chat template does not render this conversation as a sequence "
+                            "of its turns, so its assistant turns cannot be told apart")
+        for text, target in ((before[len(done):], train_on_prompt), (through[len(before):], True)):
+            piece = list(tokenizer.encode(text, add_special_tokens=False))
+            ids, targets = ids + piece, targets + [target] * len(piece)
+        done = through
+    truncated = len(ids) > max_length
+    if truncated:  # the oldest turns go first; positions through cut_prompt_left, so a leading BOS stays
+        keep = cut_prompt_left(list(range(len(ids))), max_length, 0 if ids and ids[0] == bos else None)
+        ids, targets = [ids[i] for i in keep], [targets[i] for i in keep]
+    return ids, targets, truncated
+
+
+def _render_conversation(tokenizer, messages: list[dict]) -> str:
+    try:
+        return tokenizer.apply_chat_template(list(messages), tokenize=False)
+    except Exception as exc:  # jinja errors and missing templates come in many types
+        raise DataError(f"cannot render chat messages with this tokenizer's chat template: {exc}") from exc
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -665,8 +734,17 @@ _PROMPT_FORMATS = {
 }
 
 
+# What load_sft takes examples from, in order of preference; preference data gives its chosen side.
+_SFT_FORMATS = {
+    "messages": ("sft", ("messages",)),
+    "completion": ("sft", ("prompt", "completion")),
+    "text": ("sft", ("text",)),
+    "explicit": ("sft", ("prompt", "chosen", "rejected")),
+    "implicit": ("sft", ("chosen", "rejected")),
+}
 _FORMAT_NAMES = {"explicit": "pairs", "voted": "voted pairs", "implicit": "dialogue pairs",
-                 "taskmaster": "Taskmaster ratings", "pointwise": "ratings", "prompt": "prompts"}
+                 "taskmaster": "Taskmaster ratings", "pointwise": "ratings", "prompt": "prompts",
+                 "messages": "conversations", "completion": "prompt/completion", "text": "plain text"}
 
 
 def _check_columns(columns: dict[str, Any] | None) -> dict[str, Any]:
@@ -711,14 +789,14 @@ def _detect(sample: list[_Item], mode: str | None, columns: dict[str, Any]) -> t
         names.update(item.value)
     if "label" not in columns["_mapped"] and "label" not in names and "reward" in names:
         columns["label"] = "reward"
-    if mode == "prompts":
-        candidates = _PROMPT_FORMATS
+    if mode in _MODE_FORMATS:
+        candidates = _MODE_FORMATS[mode][0]
     else:
         candidates = {name: spec for name, spec in _FORMATS.items() if mode in (None, spec[0])}
     for name, (kind, fields) in candidates.items():
         # Without a prompt column, chosen/rejected hold whole dialogues; with one they are replies.
         if set(_required_columns(fields, columns)) <= names and (name != "implicit" or columns["prompt"] not in names):
-            parser = (_PROMPT_PARSERS if mode == "prompts" else _PARSERS)[name]
+            parser = (_MODE_FORMATS[mode][1] if mode in _MODE_FORMATS else _PARSERS)[name]
             return kind, partial(parser, columns=columns)
     expected = "; ".join(f"{'/'.join(_required_columns(fields, columns))} ({_FORMAT_NAMES[name]})"
                          for name, (_, fields) in candidates.items())
@@ -996,3 +1074,33 @@ def _prompt_key(record: Any) -> str:
         return json.dumps(prompt, sort_keys=True, ensure_ascii=False, default=repr)
     except (TypeError, ValueError, RecursionError):
         return repr(prompt)
+
+
+def _sft_conversation(record: dict, origin: str, columns: dict[str, Any]) -> SFTExample:
+    column = columns["messages"]
+    messages = _messages(_get(record, column), column)
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+        raise _Skip(f"no assistant turn {column}", column)
+    return SFTExample("", "", origin, messages)
+
+
+def _sft_completion(record: dict, origin: str, columns: dict[str, Any]) -> SFTExample:
+    return SFTExample(_prompt(record, columns), _reply(record, columns["completion"]), origin)
+
+
+def _sft_chosen(parse: Callable) -> Callable:
+    def chosen_side(record: dict, origin: str, columns: dict[str, Any]) -> SFTExample:
+        pair = parse(record, origin, columns)
+        return SFTExample(pair.prompt, pair.chosen, origin)
+    return chosen_side
+
+
+_SFT_PARSERS: dict[str, Callable] = {
+    "messages": _sft_conversation,
+    "completion": _sft_completion,
+    "text": lambda record, origin, columns: SFTExample("", _text(_get(record, columns["text"]), columns["text"]),
+                                                       origin),
+    "explicit": _sft_chosen(_parse_explicit),
+    "implicit": _sft_chosen(_parse_implicit),
+}
+_MODE_FORMATS = {"prompts": (_PROMPT_FORMATS, _PROMPT_PARSERS), "sft": (_SFT_FORMATS, _SFT_PARSERS)}

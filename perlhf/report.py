@@ -206,6 +206,8 @@ def _figures_table(evaluation: dict) -> tuple[list[str], list[list[str]]]:
                      f"{_fmt(length.get('policy_mean'), '.1f')} / {_fmt(length.get('anchor_mean'), '.1f')}"])
     if "reward_length_correlation" in evaluation:
         rows.append(["correlation of reward with length", _fmt(evaluation["reward_length_correlation"], "+.2f")])
+    if "sft_validation_loss" in evaluation:
+        rows.append(["SFT anchor's validation loss (per target token)", _fmt(evaluation["sft_validation_loss"])])
     if "reward_model_accuracy" in evaluation:
         rows.append(["reward model accuracy", _pct(evaluation["reward_model_accuracy"])])
     for key, label in (("prompts", "prompts evaluated"), ("anchor", "anchor")):

@@ -1,16 +1,14 @@
 """Reward modelling: a frozen backbone + a LoRA adapter + a scalar head, trained on preference pairs or ratings.
 
-Read top to bottom: config, losses and metrics (pure functions), the model, batching, the training loop,
-evaluation and scoring, the command line. `--full` trains every weight with the same loop (the paper's baseline).
+Read top to bottom: config, losses and metrics (pure functions), the model, batching, the training recipe (on the
+loop shared with SFT, perlhf.training), evaluation and scoring, the command line. `--full` trains every weight
+with the same loop (the paper's baseline).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import math
 import random
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,83 +17,30 @@ import torch.nn.functional as F
 from torch import nn
 
 from perlhf import config as cfg
-from perlhf import parallel
 from perlhf.config import check, field
-from perlhf.models import DEFAULT_MODEL
+from perlhf.training import SupervisedConfig
 
 # ---------------------------------------------------------------------------------------------------------------
 # Config
 
 
 @dataclass
-class RewardConfig:
-    model: str = field(DEFAULT_MODEL, "Hugging Face model id or local directory of the backbone")
+class RewardConfig(SupervisedConfig):
     data: str = field("", "preference data: file, directory or Hugging Face dataset id (id:split)")
-    validation_data: str | None = field(None, "separate validation data; default: split --data")
-    validation_fraction: float = field(0.1, "fraction of --data held out for validation when no --validation-data")
     kind: str | None = field(None, "pairs or pointwise; default: detected from the columns")
-    columns: dict = field({}, "column mapping, e.g. prompt=instruction chosen=good rejected=bad")
-    limit: int | None = field(None, "read at most this many records")
     output_dir: str = field("runs/reward", "run directory: adapter, checkpoints, logs")
-    overwrite_output_dir: bool = field(False, "start over instead of resuming from the last checkpoint")
-    full: bool = field(False, "train every weight (full fine-tuning baseline) instead of a LoRA adapter")
-    lora_rank: int = field(8, "LoRA rank")
-    lora_alpha: float = field(16.0, "LoRA alpha")
-    lora_dropout: float = field(0.0, "LoRA dropout")
-    lora_target: str = field("attention", "attention, all-linear, or comma-separated module names")
     learning_rate: float | None = field(None, "default 2e-4 with LoRA, 1e-5 with --full (the paper's ranges)")
-    weight_decay: float = field(0.0, "AdamW weight decay")
-    lr_scheduler_type: str = field("cosine", "transformers scheduler name: linear, cosine, constant, ...")
-    warmup_ratio: float = field(0.05, "fraction of steps spent warming the learning rate up")
-    max_grad_norm: float = field(1.0, "gradient clipping norm")
     margin: float = field(0.0, "Bradley-Terry margin: the chosen must beat the rejected by this much")
-    max_steps: int = field(200, "optimizer steps")
     per_device_train_batch_size: int = field(8, "pairs (or rated replies) per device per micro-batch")
     per_device_eval_batch_size: int = field(16, "pairs per device per evaluation batch")
-    gradient_accumulation_steps: int = field(1, "micro-batches per optimizer step")
     max_length: int = field(512, "tokens per prompt+response; longer prompts are cut from the left")
-    eval_steps: int = field(50, "evaluate every N steps (0: only at the end)")
-    save_steps: int = field(50, "checkpoint every N steps")
-    save_total_limit: int = field(2, "checkpoints kept")
-    logging_steps: int = field(5, "log training metrics every N steps")
-    seed: int = field(42, "random seed (data split, order, initialisation)")
-    device: str | None = field(None, "cpu, cuda, cuda:1 ...; default: cuda if available")
-    dtype: str | None = field(None, "float32, bfloat16, float16; default: bf16 on CUDA, fp32 on CPU")
-    gradient_checkpointing: bool = field(False, "recompute activations in backward to save memory")
-    trust_remote_code: bool = field(False, "allow model code from the model repository")
-    allow_pickle: bool = field(False, "allow pickle-based weight files (can run code when loaded)")
 
-    def __post_init__(self) -> None:
-        self.validate()
+    DEFAULT_LEARNING_RATES = (2e-4, 1e-5)
 
     def validate(self) -> None:
-        check(bool(self.data), "data", "is required")
-        check(self.lora_rank >= 1, "lora_rank", f"must be >= 1 (got {self.lora_rank})")
-        check(self.lora_alpha > 0, "lora_alpha", f"must be > 0 (got {self.lora_alpha})")
-        check(0 <= self.lora_dropout < 1, "lora_dropout", f"must be in [0, 1) (got {self.lora_dropout})")
-        check(self.learning_rate is None or self.learning_rate > 0, "learning_rate",
-              f"must be > 0 (got {self.learning_rate})")
-        check(self.max_steps >= 1, "max_steps", f"must be >= 1 (got {self.max_steps})")
-        check(self.per_device_train_batch_size >= 1, "per_device_train_batch_size", "must be >= 1")
-        check(self.per_device_eval_batch_size >= 1, "per_device_eval_batch_size", "must be >= 1")
-        check(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps", "must be >= 1")
-        check(self.max_length >= 8, "max_length", f"must be >= 8 tokens (got {self.max_length})")
-        check(0 <= self.validation_fraction < 1, "validation_fraction", "must be in [0, 1)")
+        super().validate()
         check(self.kind in (None, "pairs", "pointwise"), "kind", f"must be pairs or pointwise (got {self.kind!r})")
-        check(self.save_total_limit >= 1, "save_total_limit", "must be >= 1")
-        check(self.eval_steps >= 0 and self.save_steps >= 1 and self.logging_steps >= 1, "save_steps",
-              "--eval-steps must be >= 0, --save-steps and --logging-steps >= 1")
         check(self.margin >= 0, "margin", "must be >= 0")
-        check(self.max_grad_norm > 0, "max_grad_norm", f"must be > 0 (got {self.max_grad_norm})")
-        check(0 <= self.warmup_ratio <= 1, "warmup_ratio", f"must be in [0, 1] (got {self.warmup_ratio})")
-        check(self.weight_decay >= 0, "weight_decay", f"must be >= 0 (got {self.weight_decay})")
-        check(self.limit is None or self.limit >= 1, "limit", f"must be >= 1 (got {self.limit})")
-        cfg.check_dtype(self.dtype)
-        cfg.check_scheduler(self.lr_scheduler_type)
-
-    @property
-    def lr(self) -> float:
-        return self.learning_rate if self.learning_rate is not None else (1e-5 if self.full else 2e-4)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -204,19 +149,11 @@ class RewardModel(nn.Module):
 
 
 def build_reward_model(config: RewardConfig, loaded) -> RewardModel:
-    from perlhf.backbone import Backbone, enable_gradient_checkpointing, lora_config, new_head
+    from perlhf.backbone import new_head
+    from perlhf.training import trainable_body
 
-    base = loaded.model
-    if config.gradient_checkpointing:
-        enable_gradient_checkpointing(base)
-        base.enable_input_require_grads()
-    if config.full:
-        base.requires_grad_(True)
-        body = base
-    else:
-        lora = lora_config(base, config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_target)
-        body = Backbone.with_adapter(base, RewardModel.ADAPTER, lora).model
-    head = new_head(base)  # fp32 even over a bf16 base: a trained weight needs fp32 for AdamW's small updates
+    body = trainable_body(config, loaded, RewardModel.ADAPTER)
+    head = new_head(loaded.model)  # fp32 even over a bf16 base: a trained weight needs fp32 for AdamW's small updates
     return RewardModel(body, head, loaded.tokenizer, config.max_length, config.model)
 
 
@@ -380,49 +317,17 @@ def evaluate(model: nn.Module, examples: list[Encoded], pad_id: int, batch_size:
 # Training
 
 
-def load_split(config: RewardConfig, run_dir: Path | None, verbose: bool = True) -> tuple[list, list]:
-    """Training and validation records, with every skipped record counted and written to rejects files."""
-    from perlhf.data import load_preferences, split_train_validation
-
-    def load(source: str, name: str):
-        records, report = load_preferences(source, columns=config.columns or None, kind=config.kind,
-                                           rejects_path=run_dir / f"rejects-{name}.jsonl" if run_dir else None,
-                                           limit=config.limit)
-        if verbose:
-            print(f"perlhf: {name} data: {report.summary()}")
-        return records
-
-    records = load(config.data, "train")
-    if config.validation_data:
-        return records, load(config.validation_data, "validation")
-    return split_train_validation(records, config.validation_fraction, config.seed)
-
-
 def train_reward_model(config: RewardConfig) -> dict:
     """Train (or resume) a reward model; returns the final and best validation metrics and the run's figures."""
-    from accelerate import Accelerator
-    from transformers import get_scheduler
+    from functools import partial
 
-    from perlhf.checkpoint import (CheckpointManager, apply_learning_rates, capture_rng_state, check_global_batch,
-                                   global_batch_meta, load_training_state, restore_rng_state, save_training_state)
-    from perlhf.guards import NonFiniteGuard, StopRequest, prepare_run_dir, writing
-    from perlhf.metrics import MetricsLogger, peak_memory_mb
-    from perlhf.models import load_model
+    from perlhf.data import load_preferences
+    from perlhf.training import Task, load_split, start_run, train_supervised
 
-    accelerator = Accelerator(cpu=config.device == "cpu")
-    main = accelerator.is_main_process
-    run_dir = Path(config.output_dir)
-    resuming = prepare_run_dir(run_dir, overwrite=config.overwrite_output_dir) if main else False
-    accelerator.wait_for_everyone()
-    torch.manual_seed(config.seed)
-    random.seed(config.seed)
-
-    with accelerator.main_process_first():  # the first load may convert the embedded model; do it once
-        loaded = load_model(config.model, device=str(accelerator.device) if config.device is None else config.device,
-                            dtype=config.dtype, trust_remote_code=config.trust_remote_code,
-                            allow_pickle=config.allow_pickle, verbose=main)
-    tokenizer = loaded.tokenizer
-    train_records, val_records = load_split(config, run_dir if main else None, verbose=main)
+    accelerator, run_dir, resuming, loaded = start_run(config)
+    main, tokenizer = accelerator.is_main_process, loaded.tokenizer
+    train_records, val_records = load_split(config, partial(load_preferences, kind=config.kind),
+                                            run_dir if main else None, verbose=main)
     train, truncated = encode_records(train_records, tokenizer, config.max_length)
     val, val_truncated = encode_records(val_records, tokenizer, config.max_length)
     kind = "pairs" if train[0].rejected is not None else "pointwise"
@@ -431,137 +336,30 @@ def train_reward_model(config: RewardConfig) -> dict:
               f"{config.max_length}: {truncated} training, {val_truncated} validation (prompt cut from the left)")
 
     model = build_reward_model(config, loaded)
-    params = [p for p in model.parameters() if p.requires_grad]
     if main:
-        total = sum(p.numel() for p in model.parameters())
-        print(f"perlhf: training {sum(p.numel() for p in params):,} of {total:,} parameters "
+        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"perlhf: training {trained:,} of {sum(p.numel() for p in model.parameters()):,} parameters "
               f"({'full fine-tuning' if config.full else f'LoRA r={config.lora_rank} on {config.lora_target}'}"
               f" + scalar head), lr {config.lr:g}")
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=int(config.warmup_ratio *
-                              config.max_steps), num_training_steps=config.max_steps)
 
-    checkpoints = CheckpointManager(run_dir, keep_last=config.save_total_limit)
-    start_step, best = 0, {"eval/accuracy": -1.0}
-    latest = checkpoints.latest() if resuming or not main else None
-    world = accelerator.num_processes
-    global_batch = config.per_device_train_batch_size * world
-    if latest is not None:
-        check_global_batch(latest.meta, run_dir, world, config.per_device_train_batch_size,
-                           "--per-device-train-batch-size")
-        model.load_weights(latest.path / "model")
-        state = load_training_state(latest.path / "training_state.pt", optimizer=optimizer, scheduler=scheduler)
-        restore_rng_state(state["rng"])
-        start_step, best = latest.step, latest.meta.get("best", best)
-        apply_learning_rates(optimizer, scheduler, [config.lr], main)
-        if main:
-            print(f"perlhf: resuming {run_dir} from step {start_step} ({latest.path.name}); "
-                  "pass --overwrite-output-dir to start over")
-    model, optimizer = accelerator.prepare(model, optimizer)
-    unwrapped = accelerator.unwrap_model(model)
+    def step_loss(module: nn.Module, batch: list[Encoded]):
+        out = forward_batch(module, batch, tokenizer.pad_token_id, accelerator.device)
+        loss, accuracy = batch_loss(out, config.margin)
+        return loss, {"train/accuracy": accuracy}, out["tokens"]
 
-    lengths = [max(len(e.chosen), len(e.rejected or [])) for e in train]  # chosen and rejected pad to the longer
-    batches_per_epoch = len(train) // global_batch
-    if batches_per_epoch == 0:
-        raise cfg.ConfigError(f"--per-device-train-batch-size: {global_batch} examples per step across "
-                              f"{world} process(es) is more than the {len(train)} training examples")
-
-    def micro_batch(index: int) -> list[Encoded]:
-        epoch, position = divmod(index, batches_per_epoch)
-        batch = length_grouped_batches(lengths, global_batch, config.seed, epoch)[position]
-        return [train[i] for i in batch[accelerator.process_index::world]]
-
-    def save_checkpoint(step: int) -> None:
-        rng = capture_rng_state()
-
-        def write(directory: Path) -> None:
-            unwrapped.save(directory / "model")
-            save_training_state(directory / "training_state.pt", optimizer=optimizer, scheduler=scheduler, rng=rng)
-
-        if main:
-            with writing(run_dir):
-                checkpoints.save(step, write, {"best": best, "micro_batches": step * config.gradient_accumulation_steps,
-                                               "guard": guard.state_dict(),
-                                               **global_batch_meta(world, config.per_device_train_batch_size)})
-        accelerator.wait_for_everyone()
-
-    logger = MetricsLogger(run_dir, config.max_steps, start_step, enabled=main, description="reward model")
-    guard = NonFiniteGuard(max_in_row=3)
-    if latest is not None:
-        guard.load_state_dict(latest.meta.get("guard", {}))
-    tokens_seen, started = 0, time.perf_counter()
-    step, last_eval = start_step, None
-    with StopRequest() as stop:
-        while step < config.max_steps:
-            model.train()
-            losses, accuracies, tokens = [], [], []
-            for micro in range(config.gradient_accumulation_steps):
-                batch = micro_batch(step * config.gradient_accumulation_steps + micro)
-                sync = micro == config.gradient_accumulation_steps - 1
-                with accelerator.no_sync(model) if not sync else contextlib.nullcontext():
-                    out = forward_batch(model, batch, tokenizer.pad_token_id, accelerator.device)
-                    loss, accuracy = batch_loss(out, config.margin)
-                    accelerator.backward(loss / config.gradient_accumulation_steps)
-                losses.append(loss.detach())
-                accuracies.append(accuracy)
-                tokens.append(out["tokens"])
-            # the global batch's loss, so every process skips a non-finite step (or stops) together
-            loss = parallel.all_sum(torch.stack(losses).mean()) / world
-            grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
-            if guard.step_ok(loss, params, step + 1):
-                optimizer.step()
-                scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            tokens_seen += int(parallel.all_sum(torch.stack(tokens).sum()).item())
-            logger.advance()
-
-            if step % config.logging_steps == 0 or step == config.max_steps:
-                elapsed = time.perf_counter() - started
-                logger.log(step, {"train/loss": loss.item(),
-                                  "train/accuracy": parallel.global_mean(torch.tensor(accuracies)),
-                                  "train/grad_norm": float(grad_norm), "train/lr": scheduler.get_last_lr()[0],
-                                  "train/tokens_per_second": tokens_seen / max(elapsed, 1e-9),
-                                  "train/skipped_steps": guard.skipped,
-                                  "memory/peak_mb": peak_memory_mb(accelerator.device)},
-                           show=("train/loss", "train/accuracy"))
-            if (config.eval_steps and step % config.eval_steps == 0) or step == config.max_steps:
-                metrics = last_eval = evaluate(model, val, tokenizer.pad_token_id, config.per_device_eval_batch_size,
-                                               accelerator)
-                logger.log(step, metrics, show=("train/loss", "eval/accuracy"))
-                if main and metrics and metrics["eval/accuracy"] > best["eval/accuracy"]:
-                    best = {**metrics, "step": step}
-                    with writing(run_dir / "best"):
-                        unwrapped.save(run_dir / "best", extra={"perlhf_step": step})
-                accelerator.wait_for_everyone()
-            stopping = parallel.any_process(stop.requested)  # one signalled process stops all
-            if step % config.save_steps == 0 or step == config.max_steps or stopping:
-                save_checkpoint(step)
-            if stopping:
-                logger.close()
-                if main:
-                    print(f"perlhf: stopped at step {step}; checkpoint saved. Re-run the same command to resume.")
-                parallel.finish()
-                return {"stopped_at": step}
-    logger.close()
-
-    fingerprint = parallel.check_identical(params, "reward-model weights")
-    elapsed = time.perf_counter() - started
-    final = last_eval if last_eval is not None else evaluate(model, val, tokenizer.pad_token_id,
-                                                             config.per_device_eval_batch_size, accelerator)
-    summary = {"final": final, "best": best, "steps": step, "kind": kind, "train_examples": len(train),
-               "validation_examples": len(val), "tokens_per_second": tokens_seen / max(elapsed, 1e-9),
-               "peak_memory_mb": peak_memory_mb(accelerator.device), "skipped_steps": guard.skipped,
-               "trainable_parameters": sum(p.numel() for p in params), "processes": world,
-               "weights_sha256": fingerprint}
-    if main:
-        with writing(run_dir):
-            unwrapped.save(run_dir, extra={"perlhf_step": step})
-            cfg.save_yaml(config, run_dir / "training_config.yaml")
-            (run_dir / "eval_results.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
-        print(f"perlhf: reward model saved to {run_dir} (best step {best.get('step', '-')} in {run_dir / 'best'})")
-        print("perlhf: " + _describe(final))
-    parallel.finish()
+    task = Task(model=model, examples=train,
+                lengths=[max(len(e.chosen), len(e.rejected or [])) for e in train],  # chosen and rejected pad together
+                step_loss=step_loss,
+                evaluate=lambda module: evaluate(module, val, tokenizer.pad_token_id,
+                                                 config.per_device_eval_batch_size, accelerator),
+                best_metric="eval/accuracy", higher_is_better=True, lr=config.lr, description="reward model",
+                show=("train/loss", "train/accuracy"),
+                summary={"kind": kind, "train_examples": len(train), "validation_examples": len(val)})
+    summary = train_supervised(config, task, accelerator, run_dir, resuming)
+    if main and "final" in summary:
+        print(f"perlhf: reward model saved to {run_dir} (best step {summary['best'].get('step', '-')} in "
+              f"{run_dir / 'best'})")
+        print("perlhf: " + _describe(summary["final"]))
     return summary
 
 

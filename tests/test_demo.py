@@ -6,6 +6,7 @@ import pytest
 
 from conftest import save_tiny_model
 from perlhf.demo import DemoConfig, demo_prompts, gold_preference, run_demo
+from perlhf.metrics import read_metrics
 
 
 def test_gold_preference_by_hand():
@@ -48,3 +49,21 @@ def test_demo_runs_every_stage_on_a_tiny_model(tmp_path, tiny_tokenizer, monkeyp
     # 4 samples per prompt give 6 comparisons each: every one is a pair or a counted tie
     assert pairs["pairs"] + pairs["ties_skipped"] == 32 * 6
     assert sum(1 for _ in (run / "data" / "pairs.jsonl").open()) == pairs["pairs"]
+
+
+def test_demo_with_sft_starts_every_later_stage_from_the_sft_anchor(tmp_path, tiny_tokenizer, monkeypatch):
+    import perlhf.demo
+    from perlhf.demo import TIPS
+
+    monkeypatch.setattr(perlhf.demo, "gold_preference", lambda prompt, response: len(response.strip()))
+    model = save_tiny_model("llama", tmp_path / "tiny", tiny_tokenizer)
+    run = tmp_path / "demo"
+    evaluation = run_demo(DemoConfig(model=model, quick=True, sft=True, output_dir=str(run), device="cpu"))
+    sft_records = [json.loads(line) for line in (run / "data" / "sft.jsonl").open()]
+    assert {r["completion"] for r in sft_records} <= set(TIPS.values())  # perlhf's own text, nothing else
+    held_out = {json.loads(line)["prompt"][0]["content"] for line in (run / "data" / "eval_prompts.jsonl").open()}
+    assert not held_out & {r["prompt"][0]["content"] for r in sft_records}
+    assert (run / "sft" / "adapter_model.safetensors").exists() and evaluation["sft_validation_loss"] > 0
+    assert evaluation["anchor"] == "anchor"  # evaluated against the SFT adapter
+    assert read_metrics(run / "policy_run")[0]["reward/kl"] == 0.0  # RL started from it, its frozen copy the reference
+    assert "SFT anchor" in (run / "report" / "index.html").read_text()

@@ -1,4 +1,7 @@
-"""The labelling web app through HTTP (Starlette TestClient): tokens, CSRF, limits, isolation, restart, escaping."""
+"""The labelling web app through HTTP (Starlette TestClient): sign-in, CSRF, limits, isolation, restart, escaping.
+
+Sessions, links and labeller management: tests/test_label_sessions.py; bad input and fuzzing:
+tests/test_label_badinput.py."""
 
 from __future__ import annotations
 
@@ -16,6 +19,11 @@ from perlhf.label.store import LabelStore, Response
 SCRIPT = "<script>alert(1)</script>"
 
 
+def make_app(path, **options):
+    """The app answering TestClient's Host, `testserver` (the real server answers loopback names)."""
+    return create_app(str(path), allowed_hosts=["testserver"], **options)
+
+
 @pytest.fixture
 def db(tmp_path):
     path = tmp_path / "labels.db"
@@ -28,13 +36,26 @@ def db(tmp_path):
     return path, tokens
 
 
-def signed_in(app, token: str) -> tuple[TestClient, str]:
-    """A browser-like client: signs in with the link, then carries the cookie and the CSRF token."""
+def sign_in(client: TestClient, path, name: str):
+    """Open a fresh link for `name` and press the page's button, as a person would; returns the last response."""
+    store, _ = LabelStore.open(path)
+    code = store.invite(name)
+    page = client.get("/signin", params={"invite": code})
+    assert page.status_code == 200 and f'value="{code}"' in page.text, page.text
+    return client.post("/signin", data={"invite": code})
+
+
+def signed_in(app, path, name: str) -> tuple[TestClient, str]:
+    """A browser-like client: signs in with a link, then carries the cookie and the CSRF token."""
     client = TestClient(app)
-    response = client.get("/", params={"token": token})
-    assert response.status_code == 200 and response.url.path == "/" and not response.url.query
+    response = sign_in(client, path, name)
+    assert response.status_code == 200 and response.url.path in ("/", "/admin") and not response.url.query
     csrf = client.get("/api/me").json()["csrf"]
     return client, csrf
+
+
+def next_pair(client, csrf):
+    return client.post("/api/next", json={}, headers={"X-CSRF-Token": csrf}).json()
 
 
 def answer(client, csrf, pair_id, choice="left", comment="", **headers):
@@ -51,33 +72,48 @@ def count_answers(path, live_only=True) -> int:
         con.close()
 
 
-def test_every_route_needs_a_token(db):
-    path, _ = db
-    client = TestClient(create_app(str(path)))
-    for url in ("/", "/admin", "/static/app.js", "/static/style.css", "/api/me", "/api/next", "/api/admin/stats",
-                "/api/admin/export"):
-        assert client.get(url).status_code == 401, url
-    for url in ("/api/answer", "/api/undo"):
-        assert client.post(url, json={}).status_code == 401, url
-    assert client.get("/", params={"token": "forged"}).status_code == 401
-    assert client.get("/api/me", headers={"Authorization": "Bearer forged"}).status_code == 401
-    client.cookies.set(COOKIE, "forged")
-    assert client.get("/api/next").status_code == 401
-
-
-def test_sign_in_sets_a_strict_httponly_cookie_and_drops_the_token(db):
+def test_every_route_needs_a_sign_in(db):
     path, tokens = db
-    client = TestClient(create_app(str(path)), follow_redirects=False)
-    response = client.get("/", params={"token": tokens["ann"]})
+    client = TestClient(make_app(path))
+    for url in ("/", "/admin", "/static/app.js", "/api/me", "/api/admin/stats", "/api/admin/export"):
+        response = client.get(url)
+        assert response.status_code == 401 and "error" in response.json(), url
+    for url in ("/api/next", "/api/answer", "/api/undo", "/api/logout"):
+        assert client.post(url, json={}).status_code == 401, url
+    assert client.get("/static/style.css").status_code == 200  # the sign-in page's stylesheet is public
+    assert client.get("/signin", params={"invite": "forged"}).status_code == 401
+    assert client.post("/signin", data={"invite": "forged"}).status_code == 401
+    # A token is a credential for scripts, never a link: in the address bar it signs nobody in.
+    assert client.get("/", params={"token": tokens["ann"]}).status_code == 401
+    assert client.get("/api/me", headers={"Authorization": "Bearer forged"}).status_code == 401
+    client.cookies.set(COOKIE, tokens["ann"])  # nor is it a session
+    assert client.get("/api/me").status_code == 401
+    # A person navigating gets the message as a page, everything else as JSON.
+    page = client.get("/", headers={"Accept": "text/html,*/*"})
+    assert page.status_code == 401 and "needs your personal link" in page.text
+    assert page.headers["content-type"].startswith("text/html")
+
+
+def test_sign_in_sets_a_lax_httponly_session_cookie_and_drops_the_code(db):
+    path, tokens = db
+    client = TestClient(make_app(path), follow_redirects=False)
+    code = LabelStore.open(path)[0].invite("ann")
+    shown = client.get("/signin", params={"invite": code})
+    assert shown.status_code == 200 and "signs you in as <strong>ann</strong>" in shown.text
+    assert "set-cookie" not in shown.headers  # opening the link changes nothing
+    response = client.post("/signin", data={"invite": code})
     assert response.status_code == 303 and response.headers["location"] == "/"
     cookie = response.headers["set-cookie"]
-    assert cookie.startswith(f"{COOKIE}=") and "HttpOnly" in cookie and "SameSite=strict" in cookie
+    assert cookie.startswith(f"{COOKIE}=") and "HttpOnly" in cookie and "SameSite=lax" in cookie
+    assert "Path=/" in cookie and "Secure" not in cookie  # plain HTTP: see test_label_sessions for HTTPS
+    session = cookie.split(";")[0].split("=", 1)[1]
+    assert session not in (tokens["ann"], code)  # the cookie is a session id, neither token nor link
     page = client.get("/")
     assert page.status_code == 200 and '<script src="/static/app.js"' in page.text
     headers = page.headers
     assert "script-src 'self'" in headers["content-security-policy"] and "unsafe-inline" not in headers[
         "content-security-policy"]
-    assert headers["x-content-type-options"] == "nosniff" and headers["referrer-policy"] == "no-referrer"
+    assert headers["x-content-type-options"] == "nosniff" and headers["referrer-policy"] == "same-origin"
     assert client.get("/static/app.js").headers["content-type"].startswith("text/javascript")
     assert client.get("/static/index.html").status_code == 404  # pages only at their routes
     assert client.get("/static/../store.py").status_code == 404
@@ -85,10 +121,12 @@ def test_sign_in_sets_a_strict_httponly_cookie_and_drops_the_token(db):
 
 def test_state_changes_need_csrf_token_same_origin_and_json(db):
     path, tokens = db
-    app = create_app(str(path))
-    ann, csrf = signed_in(app, tokens["ann"])
-    _, bob_csrf = signed_in(app, tokens["bob"])
-    pair = ann.get("/api/next").json()["pair"]["id"]
+    app = make_app(path)
+    ann, csrf = signed_in(app, path, "ann")
+    _, bob_csrf = signed_in(app, path, "bob")
+    assert ann.get("/api/next").status_code == 405  # serving a pair claims a place: POST only
+    assert ann.post("/api/next", json={}).status_code == 403  # and with the CSRF token
+    pair = next_pair(ann, csrf)["pair"]["id"]
     body = {"pair_id": pair, "choice": "left"}
     refused = [
         ann.post("/api/answer", json=body),  # no CSRF token
@@ -103,18 +141,18 @@ def test_state_changes_need_csrf_token_same_origin_and_json(db):
     form = ann.post("/api/answer", data=body, headers={"X-CSRF-Token": csrf})
     assert form.status_code == 415
     assert count_answers(path) == 0
-    assert answer(ann, csrf, pair, Origin="http://testserver").status_code == 200
+    assert answer(ann, csrf, pair, Origin="http://testserver", **{"Sec-Fetch-Site": "same-origin"}).status_code == 200
     # Scripts authenticate with a header, which browsers never attach by themselves: no CSRF token needed.
     script = TestClient(app, headers={"Authorization": f"Bearer {tokens['bob']}"})
-    pair = script.get("/api/next").json()["pair"]["id"]
+    pair = script.post("/api/next", json={}).json()["pair"]["id"]
     assert script.post("/api/answer", json={"pair_id": pair, "choice": "tie"}).status_code == 200
     assert count_answers(path) == 2
 
 
 def test_requests_are_size_limited_and_validated(db):
     path, tokens = db
-    ann, csrf = signed_in(create_app(str(path)), tokens["ann"])
-    pair = ann.get("/api/next").json()["pair"]["id"]
+    ann, csrf = signed_in(make_app(path), path, "ann")
+    pair = next_pair(ann, csrf)["pair"]["id"]
     headers = {"X-CSRF-Token": csrf, "Content-Type": "application/json"}
     huge = json.dumps({"pair_id": pair, "choice": "left", "comment": "x" * MAX_BODY}).encode()
     assert ann.post("/api/answer", content=huge, headers=headers).status_code == 413
@@ -141,22 +179,21 @@ def test_requests_are_size_limited_and_validated(db):
 
 def test_a_labeller_cannot_read_or_change_anothers_answers(db):
     path, tokens = db
-    app = create_app(str(path))
-    ann, ann_csrf = signed_in(app, tokens["ann"])
-    bob, bob_csrf = signed_in(app, tokens["bob"])
-    first = ann.get("/api/next").json()["pair"]["id"]
+    app = make_app(path)
+    ann, ann_csrf = signed_in(app, path, "ann")
+    bob, bob_csrf = signed_in(app, path, "bob")
+    first = next_pair(ann, ann_csrf)["pair"]["id"]
     assert answer(ann, ann_csrf, first, "right", "ann's private note").status_code == 200
-    ann_pending = ann.get("/api/next").json()["pair"]["id"]
+    ann_pending = next_pair(ann, ann_csrf)["pair"]["id"]
     # Bob was never served ann's pending pair: he cannot answer it.
-    assert bob.get("/api/next").json()["pair"]["id"] != ann_pending
+    assert next_pair(bob, bob_csrf)["pair"]["id"] != ann_pending
     assert answer(bob, bob_csrf, ann_pending).status_code == 403
     # Bob's undo has nothing to undo and leaves ann's answer alone.
     undo = bob.post("/api/undo", json={}, headers={"X-CSRF-Token": bob_csrf}).json()
     assert undo["undone"] is None and undo["previous"] is None
     assert count_answers(path) == 1
     # Nothing bob can reach shows ann's answer or comment.
-    for url in ("/api/me", "/api/next"):
-        assert "private note" not in bob.get(url).text
+    assert "private note" not in bob.get("/api/me").text + json.dumps(next_pair(bob, bob_csrf))
     for url in ("/admin", "/api/admin/stats", "/api/admin/export"):
         assert bob.get(url).status_code == 403, url
     # Ann's own undo gives her the pair back with her previous choice and comment.
@@ -167,17 +204,17 @@ def test_a_labeller_cannot_read_or_change_anothers_answers(db):
 
 def test_restarting_the_server_loses_nothing(db):
     path, tokens = db
-    ann, csrf = signed_in(create_app(str(path)), tokens["ann"])
+    ann, csrf = signed_in(make_app(path), path, "ann")
     done = []
     for choice in ("left", "tie", "both_bad"):
-        pair = ann.get("/api/next").json()["pair"]["id"]
+        pair = next_pair(ann, csrf)["pair"]["id"]
         assert answer(ann, csrf, pair, choice, f"note {pair}").status_code == 200
         done.append(pair)
-    before = ann.get("/api/next").json()
+    before = next_pair(ann, csrf)
 
-    restarted = TestClient(create_app(str(path)))  # a new process would see the same file
+    restarted = TestClient(make_app(path))  # a new process would see the same file, sessions included
     restarted.cookies.set(COOKIE, ann.cookies[COOKIE])
-    assert restarted.get("/api/next").json() == before  # same pending pair, same order, same progress
+    assert next_pair(restarted, csrf) == before  # same pending pair, same order, same progress
     assert restarted.get("/api/me").json()["csrf"] == csrf  # the page keeps working without a reload
     undo = restarted.post("/api/undo", json={}, headers={"X-CSRF-Token": csrf}).json()
     assert undo["undone"] == done[-1] and undo["progress"]["done"] == 2
@@ -188,9 +225,9 @@ def test_restarting_the_server_loses_nothing(db):
 
 def test_markup_in_model_output_stays_text(db):
     path, tokens = db
-    app = create_app(str(path))
-    ann, csrf = signed_in(app, tokens["ann"])
-    response = ann.get("/api/next")
+    app = make_app(path)
+    ann, csrf = signed_in(app, path, "ann")
+    response = ann.post("/api/next", json={}, headers={"X-CSRF-Token": csrf})
     assert response.headers["content-type"] == "application/json"  # with nosniff: never rendered as HTML
     pair = response.json()["pair"]
     assert pair["prompt"] == f"Say {SCRIPT}"
@@ -217,15 +254,15 @@ def test_markup_in_model_output_stays_text(db):
 
 def test_admin_page_stats_and_export(db):
     path, tokens = db
-    app = create_app(str(path), labels_per_pair=2)  # serve-time K: both labellers get the same first pair
-    ann, ann_csrf = signed_in(app, tokens["ann"])
-    bob, bob_csrf = signed_in(app, tokens["bob"])
-    first = ann.get("/api/next").json()["pair"]
-    assert bob.get("/api/next").json()["pair"]["id"] == first["id"]
+    app = make_app(path, labels_per_pair=2)  # serve-time K: both labellers get the same first pair
+    ann, ann_csrf = signed_in(app, path, "ann")
+    bob, bob_csrf = signed_in(app, path, "bob")
+    first = next_pair(ann, ann_csrf)["pair"]
+    assert next_pair(bob, bob_csrf)["pair"]["id"] == first["id"]
     for client, csrf in ((ann, ann_csrf), (bob, bob_csrf)):
-        shown = client.get("/api/next").json()["pair"]
+        shown = next_pair(client, csrf)["pair"]
         assert answer(client, csrf, shown["id"], "left" if shown["left"] == "plain" else "right").status_code == 200
-    admin, _ = signed_in(app, tokens["admin"])
+    admin, _ = signed_in(app, path, "admin")  # an admin's sign-in lands on /admin
     page = admin.get("/admin")
     assert page.status_code == 200 and "/static/admin.js" in page.text
     stats = admin.get("/api/admin/stats").json()

@@ -1,13 +1,18 @@
-"""A real browser (Debian's headless Chromium through Playwright) labels pairs by clicks and keys, undo included.
+"""A real browser (Debian's headless Chromium through Playwright) labels pairs by clicks and keys, undo included;
+signs in by clicking the link on another site; and is not switched to another account by a third-party page.
 
 Set PERLHF_LABEL_SCREENSHOT=docs/label.png to save the screenshot used in docs/label.md.
 """
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import sqlite3
+import threading
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -64,18 +69,135 @@ def watched_page(browser, **options):
     return page, problems
 
 
+def sign_in(page, link: str, url: str, home: str = "/") -> None:
+    """Open a sign-in link as a person does: the page asks, they press the button."""
+    page.goto(link)
+    page.click("#sign-in")
+    page.wait_for_url(f"{url}{home}")
+
+
+@contextmanager
+def third_party_site(pages: dict[str, str]):
+    """Another site: a second server on loopback, reached as `localhost` (the label server is `127.0.0.1`, so
+    for the browser it is another site, not only another origin)."""
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's naming)
+            body = pages.get(self.path, "not found").encode()
+            self.send_response(200 if self.path in pages else 404)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    pages = {"/favicon.ico": "", **pages}  # the browser asks for one
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://localhost:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_sign_in_by_clicking_the_link_on_another_site(tmp_path, browser):
+    db = tmp_path / "labels.db"
+    store, _ = LabelStore.open(db, create=True, durable=False)
+    for prompt, a, b in PAIRS:
+        store.add_pair(prompt, Response(a, "m"), Response(b, "m"))
+    store.add_labeller("ann")
+    with serving(db, stop_after=120) as url:
+        link = f"{url}/signin?invite={store.invite('ann')}"
+        mail = (f'<!doctype html><title>Webmail</title><p>Hi Ann, please label: '
+                f'<a id="link" href="{html.escape(link)}">start labelling</a>. '
+                f'Later: <a id="again" href="{url}/">the labelling page</a>.')
+        with third_party_site({"/mail.html": mail}) as site:
+            page, problems = watched_page(browser)
+            page.goto(f"{site}/mail.html")
+            page.click("#link")  # a real click from another site, not a typed address
+            expect(page.locator("main")).to_contain_text("This link signs you in as ann")
+            page.click("#sign-in")
+            page.wait_for_url(f"{url}/")
+            expect(page.locator("#name")).to_have_text("Labelling as ann")
+            expect(page.locator("#left")).not_to_be_empty()
+            page.reload()  # the session holds
+            expect(page.locator("#name")).to_have_text("Labelling as ann")
+            page.click("[data-choice=left]")
+            expect(page.locator("#progress-text")).to_have_text("1 / 4")
+            assert problems == []  # from here on the browser logs the error statuses it is shown
+            # The used link is dead, in history or anywhere: opening it again signs nobody in.
+            page.goto(f"{site}/mail.html")
+            page.click("#link")
+            expect(page.locator("body")).to_contain_text("This link is not valid (any more)")
+            # A plain link from another site arrives signed in (SameSite=Lax).
+            page.goto(f"{site}/mail.html")
+            page.click("#again")
+            expect(page.locator("#name")).to_have_text("Labelling as ann")
+            expect(page.locator("#left")).not_to_be_empty()
+            # Sign out: the page says so and the session is over on the server.
+            page.click("#sign-out")
+            expect(page.locator("h1")).to_have_text("Signed out")
+            page.goto(f"{url}/")
+            expect(page.locator("body")).to_contain_text("needs your personal link")
+    con = sqlite3.connect(db)
+    assert con.execute("SELECT count(*), count(revoked_at) FROM sessions").fetchone() == (1, 1)
+    assert con.execute("SELECT count(*) FROM answers").fetchone()[0] == 1
+
+
+def test_a_third_party_page_cannot_switch_the_signed_in_labeller(tmp_path, browser):
+    db = tmp_path / "labels.db"
+    store, _ = LabelStore.open(db, create=True, durable=False)
+    store.add_pair("p", Response("x", "m"), Response("y", "m"))
+    store.add_labeller("ann")
+    store.add_labeller("mallory")
+    mallory = store.invite("mallory")
+    with serving(db, stop_after=120) as url:
+        attack = (f'<!doctype html><title>Cats</title><a id="link" href="{url}/signin?invite={mallory}">cute cats</a>'
+                  f'<form method="post" action="{url}/signin"><input type="hidden" name="invite" value="{mallory}">'
+                  '<button id="post">more cats</button></form>')
+        with third_party_site({"/cats.html": attack}) as site:
+            page, _ = watched_page(browser)
+            sign_in(page, f"{url}/signin?invite={store.invite('ann')}", url)
+            expect(page.locator("#name")).to_have_text("Labelling as ann")
+
+            # Sent to mallory's link: the page asks first and names both; staying keeps ann.
+            page.goto(f"{site}/cats.html")
+            page.click("#link")
+            warning = page.locator(".warning")
+            expect(warning).to_contain_text("You are signed in here as ann")
+            expect(warning).to_contain_text("This link is for mallory")
+            page.click("#stay")
+            expect(page.locator("#name")).to_have_text("Labelling as ann")
+
+            # A cross-site form post of mallory's link (what an auto-submitting page does) is refused.
+            page.goto(f"{site}/cats.html")
+            with page.expect_response(f"{url}/signin") as posted:
+                page.click("#post")
+            assert posted.value.status == 403
+            expect(page.locator("body")).to_contain_text("cross-site request refused")
+            page.goto(f"{url}/")
+            expect(page.locator("#name")).to_have_text("Labelling as ann")
+    again, _ = LabelStore.open(db)
+    assert again.labeller_for_invite(mallory).name == "mallory"  # never used
+    assert {p["name"]: p["sessions"] for p in again.labellers()} == {"admin": 0, "ann": 1, "mallory": 0}
+
+
 def test_label_in_a_real_browser(tmp_path, browser):
     db = tmp_path / "labels.db"
     store, admin = LabelStore.open(db, create=True, durable=False)
     ids = [store.add_pair(prompt, Response(a, "SmolLM2-135M-Instruct"), Response(b, "SmolLM2-135M-Instruct",
                                                                                  "runs/policy/adapter"), 2)
            for prompt, a, b in PAIRS]
-    ann, bob = store.add_labeller("ann"), store.add_labeller("bob")
+    store.add_labeller("ann"), store.add_labeller("bob")
+    ann, bob, admin = (f"/signin?invite={store.invite(name)}" for name in ("ann", "bob", "admin"))
 
     with serving(db, stop_after=120) as url:
         page, problems = watched_page(browser, viewport={"width": 1200, "height": 600})
-        page.goto(f"{url}/?token={ann}")
-        assert page.url == f"{url}/"  # the token left the address bar
+        sign_in(page, url + ann, url)
+        assert page.url == f"{url}/"  # the code left the address bar
         progress = page.locator("#progress-text")
 
         def shown() -> tuple[str, str]:
@@ -127,7 +249,7 @@ def test_label_in_a_real_browser(tmp_path, browser):
         # On a phone the responses stack and the buttons stay on screen.
         phone, phone_problems = watched_page(browser, viewport={"width": 390, "height": 844}, is_mobile=True,
                                              has_touch=True)
-        phone.goto(f"{url}/?token={bob}")
+        sign_in(phone, url + bob, url)
         expect(phone.locator("#left")).not_to_be_empty()
         left, right = phone.locator("#left").bounding_box(), phone.locator("#right").bounding_box()
         assert right["y"] >= left["y"] + left["height"] and right["width"] > 300
@@ -138,7 +260,7 @@ def test_label_in_a_real_browser(tmp_path, browser):
 
         # The admin page fills its tables from the stats endpoint.
         overview, overview_problems = watched_page(browser)
-        overview.goto(f"{url}/admin?token={admin}")
+        sign_in(overview, url + admin, url, "/admin")
         expect(overview.locator("#labellers tr")).to_have_count(4)  # header, admin, ann, bob
         expect(overview.locator("#agreement")).to_contain_text("Pairs with two or more answers: 1.")
         expect(overview.locator("#export-summary")).to_contain_text("would be exported")

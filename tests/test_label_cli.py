@@ -70,23 +70,72 @@ def test_init_and_add_labeller_print_links(tmp_path, capsys):
     db = tmp_path / "l.db"
     assert main(["init", "--db", str(db), "--base-url", "https://label.example/"]) == 0
     out = capsys.readouterr().out
-    admin = out.split("Admin token (shown once, keep it secret): ")[1].split()[0]
-    assert f"https://label.example/admin?token={admin}" in out
+    admin = out.split("Admin token, for scripts (shown once, keep it secret): ")[1].split()[0]
+    link = out.split("admin sign-in link")[1]
+    assert "https://label.example/signin?invite=" in link and admin not in link  # the link carries no token
     assert LabelStore.open(db)[0].labeller_for_token(admin).is_admin
     assert main(["init", "--db", str(db)]) == 0
     assert "exists already" in capsys.readouterr().out
 
+    app = create_app(str(db), allowed_hosts=["testserver"])
     assert main(["add-labeller", "ann", "--db", str(db)]) == 0
     link = capsys.readouterr().out.strip().split()[-1]
-    assert link.startswith("http://127.0.0.1:8000/?token=")
-    assert TestClient(create_app(str(db))).get(link.replace("http://127.0.0.1:8000", "")).status_code == 200
+    assert link.startswith("http://127.0.0.1:8000/signin?invite=")
+    code = link.split("invite=")[1]
+    browser = TestClient(app)
+    assert browser.get(link.replace("http://127.0.0.1:8000", "")).status_code == 200
+    assert browser.post("/signin", data={"invite": code}).status_code == 200
+    assert browser.get("/api/me").json()["name"] == "ann"
+    assert TestClient(app).post("/signin", data={"invite": code}).status_code == 401  # once only
     assert main(["add-labeller", "ann", "--db", str(db)]) == 2
     assert "exists" in capsys.readouterr().err
-    assert main(["add-labeller", "ann", "--rotate", "--admin", "--db", str(db)]) == 0
-    assert "/admin?token=" in capsys.readouterr().out
+    assert main(["add-labeller", "ann", "--rotate", "--admin", "--show-token", "--db", str(db)]) == 0
+    out = capsys.readouterr().out
+    assert "/signin?invite=" in out and "token for scripts" in out
+    assert browser.get("/api/me").status_code == 401  # rotation ended ann's session
+    assert LabelStore.open(db)[0].labeller_for_token(out.split()[-1]).is_admin
     # add-labeller on a new database creates it and prints its admin token too
     assert main(["add-labeller", "bob", "--db", str(tmp_path / "new.db")]) == 0
     assert "Admin token" in capsys.readouterr().out
+
+
+def test_labellers_list_and_manage(tmp_path, capsys):
+    db = tmp_path / "l.db"
+    store, admin = LabelStore.open(db, create=True, durable=False)
+    from perlhf.label.store import Response
+
+    store.add_pair("p", Response("x", "m"), Response("y", "m"))
+    ann = store.labeller_for_token(store.add_labeller("ann", actor="test"))
+    store.answer(ann, store.next_pair(ann)["id"], "left")
+    store.add_labeller("bob", is_admin=True, actor="test")
+    run = lambda *argv: main(["labellers", *argv, "--db", str(db)])  # noqa: E731
+
+    assert run("--json") == 0
+    people = {p["name"]: p for p in json.loads(capsys.readouterr().out)}
+    assert people["ann"]["answers"] == 1 and people["ann"]["last_seen_at"] is not None
+    assert people["bob"]["admin"] and people["bob"]["last_seen_at"] is None
+    assert run() == 0 and "ann" in capsys.readouterr().out  # `labellers` alone lists
+    assert main(["labellers", "--db", str(db), "list"]) == 0 and "labeller" in capsys.readouterr().out
+
+    assert run("link", "ann") == 0 and "/signin?invite=" in capsys.readouterr().out
+    assert run("rotate", "bob") == 0  # keeps bob an admin
+    assert LabelStore.open(db)[0].labellers()[2]["admin"]
+    assert run("rotate", "bob", "--no-admin", "--show-token") == 0
+    token = capsys.readouterr().out.split()[-1]
+    assert not LabelStore.open(db)[0].labeller_for_token(token).is_admin
+    assert run("rotate", "bob", "--admin") == 0 and run("demote", "bob") == 0
+    assert run("demote", "admin") == 2 and "only admin" in capsys.readouterr().err  # someone must stay admin
+    assert run("disable", "ann") == 0 and LabelStore.open(db)[0].labeller_for_token(admin) is not None
+    assert run("remove", "ann") == 2 and "has 1 answers" in capsys.readouterr().err
+    assert run("enable", "ann") == 0 and run("sign-out", "ann") == 0
+    assert run("remove", "ann", "--with-answers") == 0 and run("remove", "bob") == 0
+    assert run("remove", "nobody") == 2 and "no labeller 'nobody'" in capsys.readouterr().err
+    assert [p["name"] for p in LabelStore.open(db)[0].labellers()] == ["admin"]
+    capsys.readouterr()
+    assert run("log", "--limit", "100") == 0
+    actions = [line.split()[3:5] for line in capsys.readouterr().out.splitlines()]
+    assert actions[:3] == [["remove", "bob"], ["remove", "ann"], ["sign-out", "ann"]]
+    assert ["demote", "bob"] in actions and ["disable", "ann"] in actions and ["rotate", "bob"] in actions
 
 
 def test_commands_refuse_bad_input(tmp_path, prompts, tiny_model_dir, adapters, capsys):
@@ -165,8 +214,8 @@ def test_markup_goes_through_generate_page_and_export_intact(tmp_path, prompts, 
     assert main(["generate", "--db", str(db), "--model", tiny_model_dir, "--prompts", str(prompts),
                  "--limit", "1"]) == 0
     admin = capsys.readouterr().out.split("keep it secret): ")[1].split()[0]
-    client = TestClient(create_app(str(db)), headers={"Authorization": f"Bearer {admin}"})
-    pair = client.get("/api/next").json()["pair"]
+    client = TestClient(create_app(str(db), allowed_hosts=["testserver"]), headers={"Authorization": f"Bearer {admin}"})
+    pair = client.post("/api/next", json={}).json()["pair"]
     assert pair["prompt"] == f"Repeat {SCRIPT}" and {pair["left"], pair["right"]} == {f"{SCRIPT} 0", f"{SCRIPT} 1"}
     client.post("/api/answer", json={"pair_id": pair["id"], "choice": "left"}).raise_for_status()
     out = tmp_path / "pairs.jsonl"

@@ -32,11 +32,12 @@ def test_concurrent_labellers_lose_and_duplicate_nothing(tmp_path):
 def test_served_over_http_with_tokens_and_stops_by_itself(tmp_path):
     db = tmp_path / "l.db"
     store, _ = LabelStore.open(db, create=True)
-    token = store.add_labeller("ann")
+    store.add_labeller("ann")
+    link = store.invite("ann")
     with serving(db, stop_after=60) as url:
         assert url.startswith("http://127.0.0.1:")
-        assert httpx.get(f"{url}/api/next", timeout=10).status_code == 401
-        signed = httpx.get(f"{url}/", params={"token": token}, timeout=10, follow_redirects=False)
+        assert httpx.get(f"{url}/api/me", timeout=10).status_code == 401
+        signed = httpx.post(f"{url}/signin", data={"invite": link}, timeout=10)
         assert signed.status_code == 303 and "httponly" in signed.headers["set-cookie"].lower()
     command = [sys.executable, "-m", "perlhf.label", "serve", "--db", str(db), "--port", "0", "--stop-after", "1"]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=30)

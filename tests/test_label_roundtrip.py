@@ -37,10 +37,11 @@ def test_generate_label_export_train(tmp_path, tiny_model_dir, capsys):
     assert main(["label", "add-labeller", "ann", "--db", str(db)]) == 0
     link = capsys.readouterr().out.strip().split()[-1]
 
-    client = TestClient(create_app(str(db)))
-    client.get(link.split("8000", 1)[1]).raise_for_status()  # sign in with the printed link
+    client = TestClient(create_app(str(db), allowed_hosts=["testserver"]))
+    client.get(link.split("8000", 1)[1]).raise_for_status()  # open the printed link
+    client.post("/signin", data={"invite": link.split("invite=")[1]}).raise_for_status()  # press its button
     csrf = client.get("/api/me").json()["csrf"]
-    state = client.get("/api/next").json()
+    state = client.post("/api/next", json={}, headers={"X-CSRF-Token": csrf}).json()
     assert state["progress"] == {"done": 0, "total": 6}
     answered = 0
     while state["pair"] is not None:

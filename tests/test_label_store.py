@@ -72,8 +72,7 @@ def test_bad_tokens_and_names(store):
     store.add_labeller("ann")
     with pytest.raises(Conflict):
         store.add_labeller("ann")
-    new = store.add_labeller("ann", rotate=True)
-    assert store.labeller_for_token(new).name == "ann"
+    assert store.labeller_for_token(store.rotate("ann")).name == "ann"
     for bad in ("", "   ", "a\nb", "x" * 65):
         with pytest.raises(StoreError):
             store.add_labeller(bad)

@@ -95,6 +95,22 @@ def test_rm_train_two_processes_equal_one(inputs, reward_model, tmp_path):
         assert two[-1][key] == pytest.approx(one[-1][key], abs=1e-4)
 
 
+def test_sft_train_two_processes_equal_one(inputs, tmp_path):
+    """SFT's loss is a mean over the global micro-batch's target tokens, so 2 x 2 examples equal 1 x 4 although
+    the processes hold different numbers of targets."""
+    def argv(out: Path, per_device: int) -> list[str]:
+        return ["sft", "train", "--model", inputs["model"], "--data", inputs["pairs"], "--output-dir", str(out),
+                "--max-steps", "4", "--per-device-train-batch-size", str(per_device), "--learning-rate", "2e-2",
+                "--lora-target", "all-linear", "--eval-steps", "2", "--save-steps", "2", "--device", "cpu"]
+
+    assert cli_main(argv(tmp_path / "one", 4)) == 0
+    result = torchrun(argv(tmp_path / "two", 2))
+    assert_two_identical_processes(result)
+    assert_close_adapters(tmp_path / "two" / "adapter_model.safetensors", tmp_path / "one" / "adapter_model.safetensors")
+    one, two = ([m for m in read_metrics(run) if "eval/loss" in m] for run in (tmp_path / "one", tmp_path / "two"))
+    assert [m["eval/loss"] for m in two] == pytest.approx([m["eval/loss"] for m in one], abs=1e-5)
+
+
 @pytest.mark.parametrize("algorithm", ["reinforce", "rloo", "ppo"])
 def test_rl_train_two_processes_equal_one(algorithm, inputs, reward_model, tmp_path):
     assert cli_main(rl_argv(inputs, reward_model, tmp_path / "one", algorithm, 4)) == 0
@@ -116,7 +132,7 @@ def _latest_step(run_dir: Path) -> int:
 
 
 def test_sigkill_of_a_two_process_run_resumes_with_two_or_one_process(inputs, reward_model, tmp_path, capsys):
-    steps = 6
+    steps = 24  # long enough that the kill lands mid-run on a fast machine too
     reference = tmp_path / "reference"
     assert cli_main(rl_argv(inputs, reward_model, reference, "reinforce", 4, steps)) == 0
 

@@ -60,9 +60,10 @@ def test_lora_pairs_learn_and_reload_gives_the_same_scores(arch, tiny_dirs, tmp_
         assert (out / name).exists(), name
     assert any((out / "tensorboard").iterdir())
     reloaded = load_reward_model(out, device="cpu", verbose=False)
-    from perlhf.reward import load_split
+    from perlhf.data import load_preferences
+    from perlhf.training import load_split
 
-    _, val = load_split(config(tiny_dirs[arch], tmp_path / "pairs.jsonl", out), None, verbose=False)
+    _, val = load_split(config(tiny_dirs[arch], tmp_path / "pairs.jsonl", out), load_preferences, None, verbose=False)
     examples, _ = encode_records(val, reloaded.tokenizer, reloaded.max_length)
     again = evaluate(reloaded, examples, reloaded.tokenizer.pad_token_id, 16)
     assert again["eval/margin"] == pytest.approx(summary["final"]["eval/margin"], abs=1e-5)
@@ -125,9 +126,10 @@ def test_accelerate_launch_two_cpu_processes(tiny_dirs, tmp_path):
         capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((out / "eval_results.json").read_text())
-    from perlhf.reward import load_split
+    from perlhf.data import load_preferences
+    from perlhf.training import load_split
 
-    _, val = load_split(RewardConfig(data=str(data)), None, verbose=False)
+    _, val = load_split(RewardConfig(data=str(data)), load_preferences, None, verbose=False)
     # both processes evaluated their shard and the gathered metrics cover every validation pair once
     assert results["steps"] == 10 and results["validation_examples"] == results["final"]["eval/examples"] == len(val)
     assert (out / "adapter_model.safetensors").exists()

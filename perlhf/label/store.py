@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
 import secrets
 import sqlite3
 import threading
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
 CHOICES = ("a", "b", "tie", "both_bad")
 SHOWN_CHOICES = ("left", "right", "tie", "both_bad")
 MAX_COMMENT = 2000
@@ -40,7 +41,9 @@ CREATE TABLE labellers (
     name TEXT NOT NULL UNIQUE,
     token_hash TEXT NOT NULL UNIQUE,
     is_admin INTEGER NOT NULL DEFAULT 0 CHECK (is_admin IN (0, 1)),
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    disabled_at REAL,  -- set: no token, link or session of theirs works; their answers stay
+    last_seen_at REAL
 );
 CREATE TABLE runs (id INTEGER PRIMARY KEY, created_at REAL NOT NULL, info TEXT NOT NULL);
 CREATE TABLE prompts (
@@ -105,6 +108,42 @@ JOIN responses ra ON ra.id = p.response_a
 JOIN responses rb ON rb.id = p.response_b;
 """
 
+# Added in schema 2: single-use sign-in links, server-side sessions, and a record of admin actions.
+SCHEMA_2 = """
+CREATE TABLE invites (
+    id INTEGER PRIMARY KEY,
+    labeller_id INTEGER NOT NULL REFERENCES labellers(id),
+    code_hash TEXT NOT NULL UNIQUE,
+    created_at REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    used_at REAL
+);
+CREATE TABLE sessions (
+    id INTEGER PRIMARY KEY,
+    labeller_id INTEGER NOT NULL REFERENCES labellers(id),
+    secret_hash TEXT NOT NULL UNIQUE,
+    created_at REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    revoked_at REAL
+);
+CREATE TABLE admin_log (
+    id INTEGER PRIMARY KEY,
+    at REAL NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    labeller TEXT NOT NULL,  -- a name, not an id: the entry outlives a removed labeller
+    detail TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX invites_by_labeller ON invites(labeller_id);
+CREATE INDEX sessions_by_labeller ON sessions(labeller_id);
+"""
+MIGRATIONS = {  # from schema version: SQL that brings it to the next one
+    "1": "ALTER TABLE labellers ADD COLUMN disabled_at REAL;\nALTER TABLE labellers ADD COLUMN last_seen_at REAL;\n"
+         + SCHEMA_2,
+}
+# last_seen_at is written at most this often per labeller, so that reads stay reads.
+SEEN_EVERY = 60.0
+
 
 class StoreError(Exception):
     """A request the store refuses; `status` is the HTTP status the web app answers with."""
@@ -124,6 +163,14 @@ class Conflict(StoreError):
     status = 409
 
 
+def export_lines(records: list[dict[str, Any]]) -> str:
+    """JSON Lines. U+2028, U+2029 and U+0085 are escaped: JSON allows them raw in strings, but tools that split
+    lines the Unicode way (Python's str.splitlines, some editors and JS tools) would cut a record in two. The
+    other separators splitlines knows are control characters, which json.dumps escapes already."""
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    return text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029").replace("\u0085", "\\u0085")
+
+
 def new_token() -> str:
     return secrets.token_urlsafe(32)
 
@@ -133,12 +180,23 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
+LABELLER_COLUMNS = "l.id, l.name, l.is_admin, l.token_hash, l.last_seen_at"
+
+
 @dataclass(frozen=True)
 class Labeller:
     id: int
     name: str
     is_admin: bool
     token_hash: str
+    last_seen_at: float | None = None
+    session: str | None = None  # the hash of the browser session this came by, None for a token
+
+
+def _labeller(row: sqlite3.Row | None, session: str | None = None) -> Labeller | None:
+    if row is None:
+        return None
+    return Labeller(row["id"], row["name"], bool(row["is_admin"]), row["token_hash"], row["last_seen_at"], session)
 
 
 @dataclass
@@ -176,8 +234,15 @@ class LabelStore:
             if not create:
                 raise StoreError(f"{path}: no such label database (create one with `perlhf label init --db {path}`)")
             store.path.parent.mkdir(parents=True, exist_ok=True)
+            # Created 0600 before SQLite touches it: SQLite gives the WAL and SHM files the database's mode,
+            # and the file holds token hashes, answers and comments.
+            try:
+                os.close(os.open(store.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+            except FileExistsError:
+                pass  # made meanwhile by another process; _initialise sorts out who fills it
         try:
             token = store._initialise() if create else None
+            store._migrate()
             store._check_schema()
         except sqlite3.DatabaseError as err:
             raise StoreError(f"{path}: not a perlhf label database ({err})") from None
@@ -193,7 +258,7 @@ class LabelStore:
             if exists:
                 con.execute("ROLLBACK")
                 return None
-            for statement in SCHEMA.split(";\n"):
+            for statement in (SCHEMA + SCHEMA_2).split(";\n"):
                 if statement.strip():
                     con.execute(statement)
             con.execute("INSERT INTO meta VALUES ('schema', ?), ('secret', ?)", (SCHEMA_VERSION, secrets.token_hex(32)))
@@ -204,6 +269,17 @@ class LabelStore:
             return token
         finally:
             con.close()
+
+    def _migrate(self) -> None:
+        """Bring an older database to SCHEMA_VERSION, one step per transaction."""
+        with self._tx(write=True) as con:
+            row = con.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+            while row is not None and row[0] in MIGRATIONS:
+                for statement in MIGRATIONS[row[0]].split(";\n"):
+                    if statement.strip():
+                        con.execute(statement)
+                row = (str(int(row[0]) + 1),)
+                con.execute("UPDATE meta SET value = ? WHERE key = 'schema'", row)
 
     def _check_schema(self) -> None:
         with self._tx() as con:
@@ -249,37 +325,217 @@ class LabelStore:
         with self._tx() as con:
             return bytes.fromhex(con.execute("SELECT value FROM meta WHERE key = 'secret'").fetchone()[0])
 
-    # -- labellers -------------------------------------------------------------------------------------------
+    # -- labellers, links and sessions ----------------------------------------------------------------------
+    #
+    # Three secrets, each stored only as a SHA-256: a labeller's *token* (long-lived, for scripts as
+    # `Authorization: Bearer`; rotated by `labellers rotate`), a sign-in *link* code (single use, expires), and a
+    # browser *session* (the cookie; expires, revoked by sign-out, rotate, disable and remove).
 
-    def add_labeller(self, name: str, is_admin: bool = False, rotate: bool = False) -> str:
-        """Create a labeller (or give an existing one a new token with rotate=True); returns the token."""
+    def add_labeller(self, name: str, is_admin: bool = False, actor: str = "") -> str:
+        """Create a labeller; returns their token."""
         name = name.strip()
         if not name or len(name) > MAX_NAME or not name.isprintable():
             raise StoreError(f"labeller name must be 1 to {MAX_NAME} printable characters")
         token = new_token()
         with self._tx(write=True) as con:
-            row = con.execute("SELECT id FROM labellers WHERE name = ?", (name,)).fetchone()
-            if row is not None and not rotate:
-                raise Conflict(f"labeller {name!r} exists; pass --rotate to give them a new token")
-            if row is not None:
-                con.execute("UPDATE labellers SET token_hash = ?, is_admin = MAX(is_admin, ?) WHERE id = ?",
-                            (hash_token(token), int(is_admin), row[0]))
-            else:
-                con.execute("INSERT INTO labellers (name, token_hash, is_admin, created_at) VALUES (?, ?, ?, ?)",
-                            (name, hash_token(token), int(is_admin), time.time()))
+            if con.execute("SELECT 1 FROM labellers WHERE name = ?", (name,)).fetchone() is not None:
+                raise Conflict(f"labeller {name!r} exists; `perlhf label labellers rotate {name}` gives them a new "
+                               "token, `labellers link` a new sign-in link")
+            con.execute("INSERT INTO labellers (name, token_hash, is_admin, created_at) VALUES (?, ?, ?, ?)",
+                        (name, hash_token(token), int(is_admin), time.time()))
+            self._log(con, actor, "add", name, "admin" if is_admin else "labeller")
         return token
+
+    def rotate(self, name: str, admin: bool | None = None, actor: str = "") -> str:
+        """A new token for a labeller, ending their sessions and unused links; admin=None keeps their role,
+        True or False sets it. Returns the new token."""
+        token = new_token()
+        with self._tx(write=True) as con:
+            row = self._named(con, name)
+            role = bool(row["is_admin"]) if admin is None else admin
+            if row["is_admin"] and not role:
+                self._keep_an_admin(con, row)
+            con.execute("UPDATE labellers SET token_hash = ?, is_admin = ? WHERE id = ?",
+                        (hash_token(token), int(role), row["id"]))
+            self._end_access(con, row["id"])
+            self._log(con, actor, "rotate", row["name"], "admin" if role else "labeller")
+        return token
+
+    def invite(self, name: str, hours: float = 72.0, actor: str = "") -> str:
+        """A single-use sign-in link code for a labeller, valid for `hours`."""
+        if not hours > 0:
+            raise StoreError("link lifetime must be positive")
+        code, now = new_token(), time.time()
+        with self._tx(write=True) as con:
+            row = self._named(con, name)
+            if row["disabled_at"] is not None:
+                raise Conflict(f"labeller {row['name']!r} is disabled; `labellers enable` them first")
+            con.execute("INSERT INTO invites (labeller_id, code_hash, created_at, expires_at) VALUES (?, ?, ?, ?)",
+                        (row["id"], hash_token(code), now, now + hours * 3600))
+            self._log(con, actor, "link", row["name"], f"valid {hours:g} h")
+        return code
+
+    def labeller_for_invite(self, code: str | None) -> Labeller | None:
+        """Whom an unused, unexpired link signs in (without using it up)."""
+        if not code or len(code) > 128:
+            return None
+        with self._tx() as con:
+            row = con.execute(f"SELECT {LABELLER_COLUMNS} FROM invites i JOIN labellers l ON l.id = i.labeller_id "
+                              "WHERE i.code_hash = ? AND i.used_at IS NULL AND i.expires_at > ? "
+                              "AND l.disabled_at IS NULL", (hash_token(code), time.time())).fetchone()
+        return _labeller(row)
+
+    def sign_in(self, code: str | None, session_days: float = 30.0) -> tuple[Labeller, str] | None:
+        """Use up a link and open a session; returns (labeller, session secret), None if the link is not valid.
+        Checking and using happen in one write transaction, so a link signs in once even when clicked twice."""
+        who = self.labeller_for_invite(code)
+        if who is None:
+            return None
+        secret, now = new_token(), time.time()
+        with self._tx(write=True) as con:
+            used = con.execute("UPDATE invites SET used_at = ? WHERE code_hash = ? AND used_at IS NULL "
+                               "AND expires_at > ?", (now, hash_token(code), now)).rowcount
+            if not used:
+                return None
+            con.execute("INSERT INTO sessions (labeller_id, secret_hash, created_at, expires_at) VALUES (?, ?, ?, ?)",
+                        (who.id, hash_token(secret), now, now + session_days * 86400))
+            con.execute("UPDATE labellers SET last_seen_at = ? WHERE id = ?", (now, who.id))
+        return who, secret
+
+    def labeller_for_session(self, secret: str | None) -> Labeller | None:
+        """The labeller of a live session (not expired, not revoked, labeller not disabled)."""
+        if not secret or len(secret) > 128:
+            return None
+        with self._tx() as con:
+            row = con.execute(f"SELECT {LABELLER_COLUMNS}, s.secret_hash FROM sessions s "
+                              "JOIN labellers l ON l.id = s.labeller_id WHERE s.secret_hash = ? "
+                              "AND s.revoked_at IS NULL AND s.expires_at > ? AND l.disabled_at IS NULL",
+                              (hash_token(secret), time.time())).fetchone()
+        return self._seen(_labeller(row, session=row and row["secret_hash"]))
 
     def labeller_for_token(self, token: str | None) -> Labeller | None:
         if not token or len(token) > 128:
             return None
         wanted = hash_token(token)
         with self._tx() as con:
-            row = con.execute("SELECT id, name, is_admin, token_hash FROM labellers WHERE token_hash = ?",
-                              (wanted,)).fetchone()
+            row = con.execute(f"SELECT {LABELLER_COLUMNS} FROM labellers l WHERE l.token_hash = ? "
+                              "AND l.disabled_at IS NULL", (wanted,)).fetchone()
         # The lookup is by hash, which leaks nothing useful through timing; compare again in constant time anyway.
         if row is None or not hmac.compare_digest(row["token_hash"], wanted):
             return None
-        return Labeller(row["id"], row["name"], bool(row["is_admin"]), row["token_hash"])
+        return self._seen(_labeller(row))
+
+    def end_session(self, session: str) -> None:
+        """Sign out: `session` is the session's hash (Labeller.session)."""
+        with self._tx(write=True) as con:
+            con.execute("UPDATE sessions SET revoked_at = ? WHERE secret_hash = ? AND revoked_at IS NULL",
+                        (time.time(), session))
+
+    def sign_out(self, name: str, actor: str = "") -> int:
+        """End every session of a labeller (their token and unused links keep working); returns how many."""
+        with self._tx(write=True) as con:
+            row = self._named(con, name)
+            ended = self._end_access(con, row["id"], links=False)
+            self._log(con, actor, "sign-out", row["name"], f"{ended} sessions")
+        return ended
+
+    def set_disabled(self, name: str, disabled: bool, actor: str = "") -> None:
+        """Disable (nothing of theirs authenticates; answers stay and count) or enable a labeller."""
+        with self._tx(write=True) as con:
+            row = self._named(con, name)
+            if disabled and row["is_admin"]:
+                self._keep_an_admin(con, row)
+            con.execute("UPDATE labellers SET disabled_at = ? WHERE id = ?",
+                        (time.time() if disabled else None, row["id"]))
+            if disabled:
+                self._end_access(con, row["id"])
+            self._log(con, actor, "disable" if disabled else "enable", row["name"])
+
+    def demote(self, name: str, actor: str = "") -> None:
+        with self._tx(write=True) as con:
+            row = self._named(con, name)
+            if row["is_admin"]:
+                self._keep_an_admin(con, row)
+            con.execute("UPDATE labellers SET is_admin = 0 WHERE id = ?", (row["id"],))
+            self._log(con, actor, "demote", row["name"])
+
+    def remove(self, name: str, with_answers: bool = False, actor: str = "") -> int:
+        """Delete a labeller. One with answers is refused unless with_answers (their answers go too, and the
+        pairs they answered open up again); `disable` keeps the answers instead. Returns answers deleted."""
+        with self._tx(write=True) as con:
+            row = self._named(con, name)
+            if row["is_admin"]:
+                self._keep_an_admin(con, row)
+            answers = con.execute("SELECT count(*) FROM answers WHERE labeller_id = ?", (row["id"],)).fetchone()[0]
+            if answers and not with_answers:
+                raise Conflict(f"labeller {row['name']!r} has {answers} answers: `labellers disable` keeps them, "
+                               "`labellers remove --with-answers` deletes them too")
+            con.execute("UPDATE pairs SET live_answers = live_answers - (SELECT count(*) FROM answers a WHERE "
+                        "a.pair_id = pairs.id AND a.labeller_id = :me AND a.undone_at IS NULL) WHERE id IN "
+                        "(SELECT pair_id FROM answers WHERE labeller_id = :me)", {"me": row["id"]})
+            for table in ("answers", "assignments", "sessions", "invites"):
+                con.execute(f"DELETE FROM {table} WHERE labeller_id = ?", (row["id"],))
+            con.execute("DELETE FROM labellers WHERE id = ?", (row["id"],))
+            self._log(con, actor, "remove", row["name"], f"{answers} answers deleted" if answers else "")
+        return answers
+
+    def labellers(self) -> list[dict[str, Any]]:
+        """Everyone, with role, state, answers (not undone), open sessions and when last seen."""
+        with self._tx() as con:
+            rows = con.execute(
+                "SELECT l.name, l.is_admin, l.created_at, l.disabled_at, l.last_seen_at, "
+                "(SELECT count(*) FROM answers a WHERE a.labeller_id = l.id AND a.undone_at IS NULL) AS answers, "
+                "(SELECT count(*) FROM sessions s WHERE s.labeller_id = l.id AND s.revoked_at IS NULL "
+                " AND s.expires_at > :now) AS sessions, "
+                "(SELECT max(created_at) FROM answers a WHERE a.labeller_id = l.id) AS last_answer "
+                "FROM labellers l ORDER BY l.id", {"now": time.time()}).fetchall()
+        return [{"name": r["name"], "admin": bool(r["is_admin"]), "disabled": r["disabled_at"] is not None,
+                 "answers": r["answers"], "sessions": r["sessions"], "created_at": r["created_at"],
+                 "last_seen_at": r["last_seen_at"], "last_answer_at": r["last_answer"]} for r in rows]
+
+    def admin_log(self, limit: int = 50) -> list[dict[str, Any]]:
+        """The latest admin actions, newest first."""
+        with self._tx() as con:
+            rows = con.execute("SELECT at, actor, action, labeller, detail FROM admin_log ORDER BY id DESC LIMIT ?",
+                               (limit,)).fetchall()
+        return [dict(r) for r in rows]
+
+    def _named(self, con: sqlite3.Connection, name: str) -> sqlite3.Row:
+        row = con.execute("SELECT * FROM labellers WHERE name = ?", (name.strip(),)).fetchone()
+        if row is None:
+            raise NotFound(f"no labeller {name.strip()!r} (`perlhf label labellers` lists them)")
+        return row
+
+    def _keep_an_admin(self, con: sqlite3.Connection, row: sqlite3.Row) -> None:
+        """Refuse to take admin rights from the last enabled admin: nobody could manage the database then."""
+        others = con.execute("SELECT count(*) FROM labellers WHERE is_admin = 1 AND disabled_at IS NULL AND id != ?",
+                             (row["id"],)).fetchone()[0]
+        if not others:
+            raise Conflict(f"{row['name']!r} is the only admin; make another one first "
+                           "(`perlhf label add-labeller NAME --admin`)")
+
+    def _end_access(self, con: sqlite3.Connection, labeller_id: int, links: bool = True) -> int:
+        now = time.time()
+        ended = con.execute("UPDATE sessions SET revoked_at = ? WHERE labeller_id = ? AND revoked_at IS NULL "
+                            "AND expires_at > ?", (now, labeller_id, now)).rowcount
+        if links:
+            con.execute("UPDATE invites SET expires_at = ? WHERE labeller_id = ? AND used_at IS NULL "
+                        "AND expires_at > ?",
+                        (now, labeller_id, now))
+        return ended
+
+    @staticmethod
+    def _log(con: sqlite3.Connection, actor: str, action: str, name: str, detail: str = "") -> None:
+        con.execute("INSERT INTO admin_log (at, actor, action, labeller, detail) VALUES (?, ?, ?, ?, ?)",
+                    (time.time(), actor or "unknown", action, name, detail))
+
+    def _seen(self, who: Labeller | None) -> Labeller | None:
+        """Note that a labeller was seen, at most every SEEN_EVERY seconds (a write per request would cost a
+        durable commit each time)."""
+        if who is not None and (who.last_seen_at or 0) < time.time() - SEEN_EVERY:
+            with self._tx(write=True) as con:
+                con.execute("UPDATE labellers SET last_seen_at = ? WHERE id = ?", (time.time(), who.id))
+        return who
 
     # -- filling the queue -----------------------------------------------------------------------------------
 

@@ -6,14 +6,13 @@ Prompts are left-padded so every response starts at the same column P; responses
 
 from __future__ import annotations
 
-import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, TopPLogitsWarper
 
-from perlhf.backbone import transformer_body
+from perlhf.backbone import keeps_logits, transformer_body
 from perlhf.rl.objectives import token_logprobs
 
 
@@ -196,14 +195,10 @@ def response_logits(model, rollout: Rollout) -> torch.Tensor:
     logit scale, Granite's logit scaling); `logits_to_keep` makes it project only the response positions.
     """
     mask, width = rollout.attention_mask, rollout.response_ids.size(1)
-    kwargs = {"logits_to_keep": width + 1} if _keeps_logits(model) else {}
+    kwargs = {"logits_to_keep": width + 1} if keeps_logits(model) else {}
     logits = model(input_ids=rollout.input_ids, attention_mask=mask, position_ids=_positions(mask), use_cache=False,
                    **kwargs).logits
     return logits[:, -width - 1:-1]
-
-
-def _keeps_logits(model) -> bool:
-    return "logits_to_keep" in inspect.signature(_hf_model(model).forward).parameters
 
 
 def response_logprobs(model, rollout: Rollout, temperature: float = 1.0, with_entropy: bool = False):

@@ -1,5 +1,5 @@
 "use strict";
-// The admin page: read-only figures from /api/admin/stats, put on the page with textContent only.
+// The admin page: read-only figures from /api/admin/stats, put on the page with textContent only; sign-out.
 
 const $ = (id) => document.getElementById(id);
 const percent = (x) => (x === null || x === undefined ? "–" : `${(100 * x).toFixed(1)} %`);
@@ -69,7 +69,26 @@ function refresh() {
   });
 }
 
+async function signOut() {
+  const me = await (await fetch("/api/me", {credentials: "same-origin"})).json();
+  const response = await fetch("/api/logout", {method: "POST", credentials: "same-origin", body: "{}",
+                                               headers: {"Content-Type": "application/json", "X-CSRF-Token": me.csrf}});
+  if (!response.ok) throw new Error((await response.json()).error || response.statusText);
+  const notice = document.createElement("main");
+  notice.className = "notice";
+  const title = document.createElement("h1");
+  title.textContent = "Signed out";
+  const text = document.createElement("p");
+  text.textContent = "To come back, open a new sign-in link.";
+  notice.append(title, text);
+  document.body.replaceChildren(notice);
+}
+
 document.addEventListener("DOMContentLoaded", () => {
   $("min-labels").addEventListener("change", refresh);
+  $("sign-out").addEventListener("click", () => signOut().catch((error) => {
+    $("status").textContent = error.message;
+    $("status").className = "error";
+  }));
   refresh();
 });

@@ -88,6 +88,21 @@ function choose(choice) {
   });
 }
 
+function signOut() {  // not through run(): signing out must work even while a request is under way
+  api("/api/logout", {}).then(signedOut, (error) => say(error.message, true));
+}
+
+function signedOut() {  // the session is over on the server; say so instead of showing stale work
+  const notice = document.createElement("main");
+  notice.className = "notice";
+  const title = document.createElement("h1");
+  title.textContent = "Signed out";
+  const text = document.createElement("p");
+  text.textContent = "To label again, open a new sign-in link.";
+  notice.append(title, text);
+  document.body.replaceChildren(notice);
+}
+
 function undo() {
   run(async () => {
     const state = await api("/api/undo", {});
@@ -117,10 +132,11 @@ document.addEventListener("DOMContentLoaded", () => {
     button.addEventListener("click", () => choose(button.dataset.choice));
   }
   $("undo").addEventListener("click", undo);
+  $("sign-out").addEventListener("click", signOut);
   run(async () => {
     const me = await api("/api/me");
     csrf = me.csrf;
     $("name").textContent = `Labelling as ${me.name}`;
-    show(await api("/api/next"));
+    show(await api("/api/next", {}));  // a POST: serving a pair holds a place for you
   });
 });
