@@ -322,7 +322,7 @@ def train_reward_model(config: RewardConfig) -> dict:
     from functools import partial
 
     from perlhf.data import load_preferences
-    from perlhf.training import Task, load_split, start_run, train_supervised
+    from perlhf.training import Task, load_split, say_what_trains, start_run, train_supervised
 
     accelerator, run_dir, resuming, loaded = start_run(config)
     main, tokenizer = accelerator.is_main_process, loaded.tokenizer
@@ -337,10 +337,7 @@ def train_reward_model(config: RewardConfig) -> dict:
 
     model = build_reward_model(config, loaded)
     if main:
-        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        print(f"perlhf: training {trained:,} of {sum(p.numel() for p in model.parameters()):,} parameters "
-              f"({'full fine-tuning' if config.full else f'LoRA r={config.lora_rank} on {config.lora_target}'}"
-              f" + scalar head), lr {config.lr:g}")
+        say_what_trains(config, model, " + scalar head")
 
     def step_loss(module: nn.Module, batch: list[Encoded]):
         out = forward_batch(module, batch, tokenizer.pad_token_id, accelerator.device)

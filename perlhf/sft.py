@@ -176,7 +176,7 @@ def encode(records: list, tokenizer, config: SFTConfig) -> tuple[list[tuple[list
 def train_sft(config: SFTConfig) -> dict:
     """Train (or resume) an SFT adapter (or full model); returns the final and best validation loss and figures."""
     from perlhf.data import load_sft
-    from perlhf.training import Task, load_split, start_run, train_supervised
+    from perlhf.training import Task, load_split, say_what_trains, start_run, train_supervised
 
     accelerator, run_dir, resuming, loaded = start_run(config)
     main, tokenizer = accelerator.is_main_process, loaded.tokenizer
@@ -191,10 +191,7 @@ def train_sft(config: SFTConfig) -> dict:
               f"{'every token' if config.train_on_prompt else 'the replies only'}")
     model = build_sft_model(config, loaded)
     if main:
-        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        print(f"perlhf: training {trained:,} of {sum(p.numel() for p in model.parameters()):,} parameters "
-              f"({'full fine-tuning' if config.full else f'LoRA r={config.lora_rank} on {config.lora_target}'}), "
-              f"lr {config.lr:g}")
+        say_what_trains(config, model)
     world = accelerator.num_processes
 
     def step_loss(module: nn.Module, batch: list):

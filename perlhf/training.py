@@ -113,6 +113,14 @@ def trainable_body(config: SupervisedConfig, loaded, adapter: str) -> nn.Module:
     return Backbone.with_adapter(base, adapter, lora).model
 
 
+def say_what_trains(config: SupervisedConfig, model: nn.Module, extra: str = "") -> None:
+    """The one line a trainer prints before training: how many parameters train, how, at which learning rate."""
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    how = "full fine-tuning" if config.full else f"LoRA r={config.lora_rank} on {config.lora_target}"
+    print(f"perlhf: training {trained:,} of {sum(p.numel() for p in model.parameters()):,} parameters "
+          f"({how}{extra}), lr {config.lr:g}")
+
+
 def load_split(config: SupervisedConfig, load: Callable, run_dir: Path | None, verbose: bool = True
                ) -> tuple[list, list]:
     """Training and validation records read by `load(source, columns=, limit=, rejects_path=)`, with every
