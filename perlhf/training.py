@@ -10,6 +10,7 @@ stop signals, and the final files. The model must have `save(directory, extra)` 
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import random
 import time
@@ -295,7 +296,8 @@ def train_supervised(config, task: Task, accelerator, run_dir: Path, resuming: b
                 logger.close()
                 if main:
                     print(f"perlhf: stopped at step {step}; checkpoint saved. Re-run the same command to resume.")
-                parallel.finish()
+                model = None  # the DDP wrapper: freed before the process group closes (see _finish)
+                _finish(accelerator)
                 return {"stopped_at": step}
     logger.close()
 
@@ -312,5 +314,14 @@ def train_supervised(config, task: Task, accelerator, run_dir: Path, resuming: b
             unwrapped.save(run_dir, extra={"perlhf_step": step})
             cfg.save_yaml(config, run_dir / "training_config.yaml")
             (run_dir / "eval_results.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
-    parallel.finish()
+    model = None  # the DDP wrapper: freed before the process group closes (see _finish)
+    _finish(accelerator)
     return summary
+
+
+def _finish(accelerator) -> None:
+    """Free the DDP wrapper, then close the process group. DDP's reducer holds the group: freed after the group is
+    destroyed (when the trainer returns), gloo's destructor waits on its peers forever."""
+    accelerator.free_memory()  # drops Accelerate's references to the prepared (DDP) model and optimizer
+    gc.collect()
+    parallel.finish()
