@@ -54,10 +54,14 @@ def lora_config(model: nn.Module, rank: int, alpha: float, dropout: float, targe
                       task_type="CAUSAL_LM")
 
 
+def causal_lm(model: nn.Module) -> nn.Module:
+    """The transformers model (LlamaForCausalLM...) inside a PeftModel, LoRA layers included; others unchanged."""
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
 def transformer_body(model: nn.Module) -> nn.Module:
     """The decoder stack without the LM head (LlamaModel inside LlamaForCausalLM), LoRA layers included."""
-    if isinstance(model, PeftModel):
-        model = model.get_base_model()
+    model = causal_lm(model)
     return getattr(model, model.base_model_prefix)
 
 
@@ -65,9 +69,7 @@ def keeps_logits(model: nn.Module) -> bool:
     """Whether the causal LM's forward takes `logits_to_keep` (project only the positions asked for)."""
     import inspect
 
-    if isinstance(model, PeftModel):
-        model = model.get_base_model()
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
+    return "logits_to_keep" in inspect.signature(causal_lm(model).forward).parameters
 
 
 def last_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

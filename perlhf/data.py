@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import csv
+import functools
 import gzip
 import json
 import os
@@ -217,6 +218,7 @@ def prompt_token_ids(tokenizer, prompt: str | list[dict]) -> list[int]:
     return ids if ids[:len(lead)] == lead else lead + ids
 
 
+@functools.lru_cache(maxsize=8)  # asked once per prompt: the probe's two encodes would repeat for every record
 def _leading_special_ids(tokenizer) -> list[int]:
     """What the tokenizer adds before a text: the part of a probe's full encoding ahead of its bare encoding."""
     bare = tokenizer.encode("x", add_special_tokens=False)
@@ -276,7 +278,7 @@ def encode_sft(tokenizer, example: SFTExample, max_length: int, train_on_prompt:
     """
     eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
     if example.messages is None:
-        prompt = prompt_token_ids(tokenizer, example.prompt) if example.prompt else _leading_special_ids(tokenizer)
+        prompt = prompt_token_ids(tokenizer, example.prompt) if example.prompt else list(_leading_special_ids(tokenizer))
         reply = list(tokenizer.encode(example.completion, add_special_tokens=False))
         if eos is not None and (not reply or reply[-1] != eos):
             reply.append(eos)

@@ -220,7 +220,7 @@ def evaluate_policy(config: EvalConfig) -> dict:
 def _judge(spec: str, index: int, backbone, tokenizer, model_name: str, config: EvalConfig):
     """A function (prompts, response texts) -> scores: the demo's gold preference, a reward adapter on the same
     backbone (read as `perlhf rm score` reads it), or a reward model on another base as a separate model."""
-    from perlhf.reward import RewardModel, load_reward_model
+    from perlhf.reward import load_reward_model, reward_adapter
 
     if spec == "gold":
         from perlhf.demo import gold_preference
@@ -228,9 +228,7 @@ def _judge(spec: str, index: int, backbone, tokenizer, model_name: str, config: 
         return lambda prompts, texts: [gold_preference(p, t) for p, t in zip(prompts, texts)]
     if _judge_base(spec) in (None, model_name):
         adapter = f"judge{index}"
-        backbone.load_adapter(adapter, spec, trainable=False)
-        info = json.loads((Path(spec) / "adapter_config.json").read_text(encoding="utf-8"))
-        reward = RewardModel(backbone.model, backbone.heads[adapter], tokenizer, int(info.get("perlhf_max_length", 512)))
+        reward = reward_adapter(backbone, adapter, spec, tokenizer)
 
         def on_backbone(prompts, texts):
             with backbone.role(adapter):

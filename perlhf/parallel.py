@@ -48,16 +48,25 @@ def any_process(flag: bool) -> bool:
     return bool(all_sum(torch.tensor([float(flag)])).item() > 0)
 
 
-def _buckets(tensors: list[torch.Tensor]):
+def _in_flat_buckets(tensors: list[torch.Tensor], collective) -> None:
+    """Run `collective` in place on ~BUCKET_BYTES flat copies of `tensors`, then copy the results back."""
+    def flush(bucket: list[torch.Tensor]) -> None:
+        flat = torch.cat([t.reshape(-1) for t in bucket])
+        collective(flat)
+        offset = 0
+        for t in bucket:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+
     bucket, size = [], 0
     for t in tensors:
         bucket.append(t)
         size += t.numel() * t.element_size()
         if size >= BUCKET_BYTES:
-            yield bucket
+            flush(bucket)
             bucket, size = [], 0
     if bucket:
-        yield bucket
+        flush(bucket)
 
 
 def average_gradients(parameters: list[torch.nn.Parameter]) -> None:
@@ -69,14 +78,12 @@ def average_gradients(parameters: list[torch.nn.Parameter]) -> None:
     for p in parameters:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    for bucket in _buckets([p.grad for p in parameters]):
-        flat = torch.cat([g.reshape(-1) for g in bucket])
+
+    def mean(flat: torch.Tensor) -> None:
         dist.all_reduce(flat)
         flat /= world
-        offset = 0
-        for g in bucket:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
+
+    _in_flat_buckets([p.grad for p in parameters], mean)
 
 
 def broadcast_parameters(parameters: list[torch.nn.Parameter], source: int = 0) -> None:
@@ -84,13 +91,7 @@ def broadcast_parameters(parameters: list[torch.nn.Parameter], source: int = 0) 
     if world_size() == 1:
         return
     with torch.no_grad():
-        for bucket in _buckets([p.data for p in parameters]):
-            flat = torch.cat([t.reshape(-1) for t in bucket])
-            dist.broadcast(flat, source)
-            offset = 0
-            for t in bucket:
-                t.copy_(flat[offset:offset + t.numel()].view_as(t))
-                offset += t.numel()
+        _in_flat_buckets([p.data for p in parameters], lambda flat: dist.broadcast(flat, source))
 
 
 def finish() -> None:

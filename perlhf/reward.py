@@ -157,6 +157,17 @@ def build_reward_model(config: RewardConfig, loaded) -> RewardModel:
     return RewardModel(body, head, loaded.tokenizer, config.max_length, config.model)
 
 
+def reward_adapter(backbone, name: str, directory: str | Path, tokenizer) -> RewardModel:
+    """The LoRA reward model saved in `directory`, loaded frozen as adapter `name` (with its head) on an existing
+    backbone: it scores what `perlhf rm score` scores (its --max-length included) while adapter `name` is active."""
+    from perlhf.backbone import ADAPTER_CONFIG
+
+    backbone.load_adapter(name, directory, trainable=False)
+    info = json.loads((Path(directory) / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    return RewardModel(backbone.model, backbone.heads[name], tokenizer, int(info.get("perlhf_max_length", 512)),
+                       info.get("base_model_name_or_path", ""))
+
+
 def load_reward_model(directory: str | Path, model: str | None = None, device: str | None = None,
                       dtype: str | None = None, loaded=None, verbose: bool = True) -> RewardModel:
     """Load a reward model saved by `perlhf rm train` (LoRA adapter + head, or a full model + head)."""
@@ -166,12 +177,10 @@ def load_reward_model(directory: str | Path, model: str | None = None, device: s
 
     directory = Path(directory)
     if (directory / ADAPTER_CONFIG).exists():
-        info = json.loads((directory / ADAPTER_CONFIG).read_text(encoding="utf-8"))
         if loaded is None:
+            info = json.loads((directory / ADAPTER_CONFIG).read_text(encoding="utf-8"))
             loaded = load_model(model or info["base_model_name_or_path"], device=device, dtype=dtype, verbose=verbose)
-        backbone = Backbone(loaded.model)
-        backbone.load_adapter(RewardModel.ADAPTER, directory, trainable=False)
-        body, head = backbone.model, backbone.heads[RewardModel.ADAPTER]
+        reward = reward_adapter(Backbone(loaded.model), RewardModel.ADAPTER, directory, loaded.tokenizer)
     elif (directory / "score.safetensors").exists():
         info = json.loads((directory / "perlhf_reward.json").read_text(encoding="utf-8"))
         loaded = load_model(str(directory), device=device, dtype=dtype, verbose=verbose)
@@ -180,10 +189,10 @@ def load_reward_model(directory: str | Path, model: str | None = None, device: s
         head = nn.Linear(weight.shape[1], 1, bias=False).to(weight.dtype)
         head.weight.data.copy_(weight)
         head = head.to(next(body.parameters()).device, next(body.parameters()).dtype)
+        reward = RewardModel(body, head, loaded.tokenizer, int(info.get("perlhf_max_length", 512)),
+                             info.get("base_model_name_or_path", ""))
     else:
         raise FileNotFoundError(f"{directory}: not a reward model directory (no adapter_config.json or score.safetensors)")
-    reward = RewardModel(body, head, loaded.tokenizer, int(info.get("perlhf_max_length", 512)),
-                         info.get("base_model_name_or_path", ""))
     reward.requires_grad_(False)
     return reward.eval()
 

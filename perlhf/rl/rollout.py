@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, TopPLogitsWarper
 
-from perlhf.backbone import keeps_logits, transformer_body
+from perlhf.backbone import causal_lm, keeps_logits, transformer_body
 from perlhf.rl.objectives import token_logprobs
 
 
@@ -112,12 +112,6 @@ def sequence_seed(*parts: int) -> int:
     return value & (2**63 - 1)
 
 
-def _hf_model(model):
-    from peft import PeftModel
-
-    return model.get_base_model() if isinstance(model, PeftModel) else model
-
-
 # generation_config.json fields that only name tokens or bookkeeping: they do not change the distribution
 _NEUTRAL_GENERATION_FIELDS = {"bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id",
                               "transformers_version", "_from_model_config", "max_length", "max_new_tokens", "use_cache",
@@ -128,7 +122,7 @@ _NEUTRAL_GENERATION_FIELDS = {"bos_token_id", "eos_token_id", "pad_token_id", "d
 def ignored_generation_settings(model) -> dict:
     """Settings in the model's own generation_config.json that perlhf's sampler does not apply (a repetition
     penalty, top-k/top-p, min-p, suppressed tokens...): the log-probs could not describe them."""
-    shipped = _hf_model(model).generation_config.to_diff_dict()
+    shipped = causal_lm(model).generation_config.to_diff_dict()
     return {k: v for k, v in shipped.items() if k not in _NEUTRAL_GENERATION_FIELDS}
 
 
@@ -136,7 +130,7 @@ def ignored_generation_settings(model) -> dict:
 def _only_perlhf_generation_settings(model):
     # generate() fills every field left unset from the model's generation_config.json; with a bare config in
     # its place, the only processing of the logits is what perlhf passes.
-    hf = _hf_model(model)
+    hf = causal_lm(model)
     shipped = hf.generation_config
     hf.generation_config = GenerationConfig()
     try:
@@ -231,7 +225,7 @@ def check_logprobs_match_sampler(model, tokenizer, prompt_ids: list[int], new_to
     error = (sampled - recomputed).abs().max().item()
     allowed = 1e-3 if next(model.parameters()).dtype == torch.float32 else 0.25
     if not error <= allowed:
-        raise ValueError(f"{type(_hf_model(model)).__name__}: the log-probs perlhf computes over a whole sequence differ "
+        raise ValueError(f"{type(causal_lm(model)).__name__}: the log-probs perlhf computes over a whole sequence differ "
                          f"from the logits generate() samples from by up to {error:.3g} nats (allowed {allowed}); RL "
                          "would train on another distribution than the one that sampled, so this model family is not "
                          "supported by perlhf RL")

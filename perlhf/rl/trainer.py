@@ -139,7 +139,7 @@ class Roles:
     policy started from an adapter, in which case it is a frozen copy of that adapter."""
 
     def __init__(self, config: RLConfig, loaded, verbose: bool = True):
-        from perlhf.reward import RewardModel, load_reward_model
+        from perlhf.reward import load_reward_model, reward_adapter
 
         self.config, self.tokenizer = config, loaded.tokenizer
         self.backbone = Backbone(loaded.model)
@@ -156,11 +156,8 @@ class Roles:
         reward_info = json.loads((Path(config.reward_model) / "adapter_config.json").read_text(encoding="utf-8")) \
             if (Path(config.reward_model) / "adapter_config.json").exists() else {}
         self.shared_reward = bool(reward_info) and _same_model(reward_info.get("base_model_name_or_path"), config.model)
-        if self.shared_reward:
-            self.backbone.load_adapter("reward", config.reward_model, trainable=False)
-            # The reward role read as `perlhf rm score` reads it: same encoding, same --max-length truncation.
-            self.reward = RewardModel(self.backbone.model, self.backbone.heads["reward"], self.tokenizer,
-                                      int(reward_info.get("perlhf_max_length", 512)), config.model)
+        if self.shared_reward:  # the reward role, read as `perlhf rm score` reads it
+            self.reward = reward_adapter(self.backbone, "reward", config.reward_model, self.tokenizer)
         else:
             before = _parameter_bytes(base)
             self.reward = load_reward_model(config.reward_model, device=str(next(base.parameters()).device),
