@@ -52,11 +52,13 @@ from _common import child_env, cpu_seconds, machine, status_mb, versions, write_
 
 ROOT = Path(__file__).resolve().parents[1]
 HH_PAIRS = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless" / "pairs.jsonl.gz"
-CONFIGS = ("perlhf-lora", "perlhf-full", "trl-lora")
+CONFIGS = ("perlhf-lora", "perlhf-full", "trl-lora", "perlhf-lora-4bit", "perlhf-lora-8bit")
 GOALS = {  # ratio: (goal, comparison) -- speed ratios must reach the goal, memory ratios stay under it
     "lora_vs_full_speed": (1.5, ">="), "lora_vs_full_memory": (0.5, "<="),
     "perlhf_vs_trl_speed": (1.0, ">="), "perlhf_vs_trl_memory": (1.0, "<="),
+    "lora_4bit_vs_full_memory": (0.35, "<="),
 }
+QUANTIZED = {"perlhf-lora-4bit": "4bit", "perlhf-lora-8bit": "8bit"}  # LoRA on a quantized frozen base
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -176,7 +178,7 @@ def child_prepare(spec: dict) -> dict:
             "tokens_per_sequence": {"min": min(tokens), "mean": sum(tokens) / len(tokens), "max": max(tokens)}}
 
 
-def child_perlhf(spec: dict, full: bool) -> dict:
+def child_perlhf(spec: dict, full: bool, quantize: str | None = None) -> dict:
     """perlhf through its Python API (the CLI runs the same function), with two read-only probes for timing."""
     import perlhf.reward as reward
     from perlhf.metrics import MetricsLogger
@@ -205,7 +207,7 @@ def child_perlhf(spec: dict, full: bool) -> dict:
         max_steps=spec["steps"], per_device_train_batch_size=spec["batch"], max_length=spec["max_length"],
         # no evaluation, logging or checkpoint before the last step: those would land inside the timed window
         eval_steps=0, save_steps=spec["steps"], logging_steps=spec["steps"], seed=spec["seed"],
-        device=device, dtype=spec["dtype"], gradient_checkpointing=False)
+        device=device, dtype=spec["dtype"], gradient_checkpointing=False, quantize=quantize)
     summary = reward.train_reward_model(config)
     return {**marks.figures(), "trainable_parameters": summary["trainable_parameters"],
             "tool_reported": {"tokens_per_second_incl_warmup": summary["tokens_per_second"],
@@ -267,7 +269,7 @@ def run_child(argv: list[str]) -> int:
     if args.child == "prepare":
         result = child_prepare(spec)
     elif args.child.startswith("perlhf-"):
-        result = child_perlhf(spec, full=args.child == "perlhf-full")
+        result = child_perlhf(spec, full=args.child == "perlhf-full", quantize=QUANTIZED.get(args.child))
     else:
         result = child_trl(spec)
     Path(args.result).write_text(json.dumps(result, indent=2))
@@ -302,12 +304,19 @@ def spawn(name: str, tag: str, spec: dict, work: Path, log) -> dict:
 def ratios(results: dict, speed_key: str = "tokens_per_second") -> dict:
     speed = lambda name: results[name][speed_key]  # noqa: E731
     memory = lambda name: results[name]["peak_mb"]  # noqa: E731
-    values = {"lora_vs_full_speed": speed("perlhf-lora") / speed("perlhf-full"),
-              "lora_vs_full_memory": memory("perlhf-lora") / memory("perlhf-full"),
-              "perlhf_vs_trl_speed": speed("perlhf-lora") / speed("trl-lora"),
-              "perlhf_vs_trl_memory": memory("perlhf-lora") / memory("trl-lora")}
-    return {k: {"value": v, "goal": f"{GOALS[k][1]} {GOALS[k][0]}",
-                "met": v >= GOALS[k][0] if GOALS[k][1] == ">=" else v <= GOALS[k][0]} for k, v in values.items()}
+    pairs = {"lora_vs_full_speed": (speed, "perlhf-lora", "perlhf-full"),
+             "lora_vs_full_memory": (memory, "perlhf-lora", "perlhf-full"),
+             "perlhf_vs_trl_speed": (speed, "perlhf-lora", "trl-lora"),
+             "perlhf_vs_trl_memory": (memory, "perlhf-lora", "trl-lora"),
+             "lora_4bit_vs_full_memory": (memory, "perlhf-lora-4bit", "perlhf-full")}
+    values = {k: f(a) / f(b) for k, (f, a, b) in pairs.items() if a in results and b in results}
+    for name in QUANTIZED:  # reported beside the goals: quantized matmuls can be slower on CPU
+        if name in results and "perlhf-full" in results:
+            values[f"{name.removeprefix('perlhf-')}_vs_full_speed"] = speed(name) / speed("perlhf-full")
+            values[f"{name.removeprefix('perlhf-')}_vs_full_memory"] = memory(name) / memory("perlhf-full")
+    return {k: {"value": v, **({"goal": f"{GOALS[k][1]} {GOALS[k][0]}",
+                                "met": v >= GOALS[k][0] if GOALS[k][1] == ">=" else v <= GOALS[k][0]} if k in GOALS else {})}
+            for k, v in values.items()}
 
 
 def render(report: dict) -> str:
@@ -332,7 +341,8 @@ def render(report: dict) -> str:
         per_round = " / ".join(f"{rd[name]['value']:.2f}" for rd in report["round_ratios"])
         robust = (f"{report['median_step_ratios'][name]['value']:.2f} | {report['cpu_ratios'][name]['value']:.2f}"
                   if "speed" in name else "- | -")
-        lines.append(f"| {name} | {r['value']:.2f} | {per_round} | {robust} | {r['goal']} | {'yes' if r['met'] else 'NO'} |")
+        met = "-" if "met" not in r else "yes" if r["met"] else "NO"
+        lines.append(f"| {name} | {r['value']:.2f} | {per_round} | {robust} | {r.get('goal', '-')} | {met} |")
     # Tokens/s counts real tokens only, so it also rewards batching that pads less; per padded position it
     # compares the two training engines alone.
     padded = lambda rs: rs["perlhf-lora"]["padded_tokens_per_second"] / rs["trl-lora"]["padded_tokens_per_second"]  # noqa: E731

@@ -6,3 +6,11 @@ import warnings
 
 # PEFT 0.21 still asks transformers 5 for a deprecated attribute on every adapter; the warning is not ours to act on.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+import logging
+
+# bitsandbytes (imported by PEFT when installed) asks, at import, for an optional kernel it would fetch from the Hub;
+# its own CPU kernels are used instead, so the message is noise to anyone without Hub access.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+# LLM.int8 (--quantize 8bit) rounds activations through float16 by design; bitsandbytes says so at every layer call.
+warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")

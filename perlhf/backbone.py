@@ -43,7 +43,8 @@ def attention_target_modules(model: nn.Module) -> list[str]:
     return sorted(targets)
 
 
-def lora_config(model: nn.Module, rank: int, alpha: float, dropout: float, target: str) -> LoraConfig:
+def lora_config(model: nn.Module, rank: int, alpha: float, dropout: float, target: str,
+                rslora: bool = False) -> LoraConfig:
     if target == "attention":
         modules: list[str] | str = attention_target_modules(model)
     elif target == "all-linear":
@@ -51,7 +52,20 @@ def lora_config(model: nn.Module, rank: int, alpha: float, dropout: float, targe
     else:
         modules = [t.strip() for t in target.split(",") if t.strip()]
     return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=modules, bias="none",
-                      task_type="CAUSAL_LM")
+                      use_rslora=rslora, task_type="CAUSAL_LM")
+
+
+def quantization_of(model: nn.Module) -> str | None:
+    """How the frozen base was quantized when loaded: "4bit", "8bit" or None."""
+    config = getattr(causal_lm(model).config, "quantization_config", None)
+    if config is None:
+        return None
+    get = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)
+    return "4bit" if get("load_in_4bit") else "8bit" if get("load_in_8bit") else None
+
+
+def describe_quantization(quantization: str | None) -> str:
+    return f"a {quantization} base" if quantization else "an unquantized base"
 
 
 def causal_lm(model: nn.Module) -> nn.Module:
@@ -199,6 +213,7 @@ class Backbone(nn.Module):
         if not weights_path.exists() or not config_path.exists():
             raise FileNotFoundError(f"{directory}: not an adapter directory (needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
         config = read_lora_config(directory)
+        check_quantization(directory, self.base)
         weights = load_file(str(weights_path))
         foreign = [k for k in weights if k != HEAD_KEY and not LORA_WEIGHT_NAMES & set(k.split("."))]
         if foreign:
@@ -215,6 +230,28 @@ class Backbone(nn.Module):
             head.weight.data.copy_(head_weight)
             self.heads[name] = head.to(next(self.model.parameters()).device)
             self.heads[name].requires_grad_(trainable)
+
+
+def trained_quantization(directory: str | Path) -> str | None:
+    """The quantization of the base an adapter was trained on, as `save_adapter` recorded it (None if unrecorded)."""
+    raw = json.loads((Path(directory) / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    return raw.get("perlhf_quantization")
+
+
+def check_quantization(directory: str | Path, model: nn.Module) -> None:
+    """Warn when an adapter goes onto a base quantized otherwise than the one it was trained on: its outputs
+    (a reward model's scores, a policy's log-probs) are then not the ones it was trained to give."""
+    import warnings
+
+    raw = json.loads((Path(directory) / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    if "perlhf_quantization" not in raw:
+        return
+    trained, here = raw["perlhf_quantization"], quantization_of(model)
+    if trained != here:
+        flag = f"--quantize {trained}" if trained else "no --quantize"
+        warnings.warn(f"{directory} was trained on {describe_quantization(trained)} and is loaded on "
+                      f"{describe_quantization(here)}: its outputs differ from those it was trained to give. "
+                      f"Load it with {flag} to get them.", stacklevel=3)
 
 
 def read_lora_config(directory: str | Path) -> LoraConfig:
@@ -260,6 +297,7 @@ def save_adapter(model: PeftModel, name: str, directory: str | Path, head: nn.Li
         weights[HEAD_KEY] = head.weight.detach().contiguous().cpu()
         config["task_type"] = "SEQ_CLS"
         config["modules_to_save"] = ["score"]
+    config["perlhf_quantization"] = quantization_of(model)  # what the adapter was trained on: scores depend on it
     config.update(extra_config or {})
     config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
     save_file(weights, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})

@@ -9,7 +9,7 @@ from perlhf.config import ConfigError
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    from perlhf import demo, evaluate, export, report, reward, sft
+    from perlhf import demo, evaluate, export, plan, report, reward, sft
     from perlhf.label.cli import register as register_label
     from perlhf.rl import trainer
 
@@ -25,6 +25,7 @@ def _build_parser() -> argparse.ArgumentParser:
     trainer.register_cli(rl.add_subparsers(dest="action", required=True))
     evaluate.register_cli(commands.add_parser("eval", help="policy vs anchor: win rates, KL, length check"))
     export.register_cli(commands.add_parser("export", help="export an adapter, alone or merged into the model"))
+    plan.register_cli(commands.add_parser("plan", help="will it fit? peak memory per part, before a run"))
     report.register_cli(commands.add_parser("report", help="HTML report of a run: curves, win rates, samples"))
     label = commands.add_parser("label", help="collect human preferences in a web page")
     register_label(label.add_subparsers(dest="action", required=True))

@@ -134,6 +134,15 @@ def check_dtype(value: str | None) -> None:
     check(value is None or value in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)} (got {value!r})")
 
 
+QUANTIZE_HELP = "load the frozen backbone quantized through bitsandbytes: 4bit (NF4, double quantization) or 8bit"
+
+
+def check_quantize(value: str | None, full: bool = False) -> None:
+    check(value in (None, "4bit", "8bit"), "quantize", f"must be 4bit or 8bit (got {value!r})")
+    check(not (value and full), "quantize", "trains LoRA adapters over a frozen quantized base; --full trains "
+          "every weight, which a quantized base cannot hold: drop one of them")
+
+
 def check_scheduler(value: str) -> None:
     from transformers.trainer_utils import SchedulerType
 

@@ -40,6 +40,7 @@ class EvalConfig:
     seed: int = field(1234, "sampling seed")
     device: str | None = field(None, "default: cuda if available")
     dtype: str | None = field(None, "default: bf16 on CUDA, fp32 on CPU")
+    quantize: str | None = field(None, "load the backbone quantized (4bit or 8bit); default: as the policy was trained")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -51,6 +52,7 @@ class EvalConfig:
         check(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
         check(self.temperature is None or self.temperature >= 0, "temperature", "must be >= 0")
         check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        cfg.check_quantize(self.quantize)
 
 
 def win_rate(policy: list[float], anchor: list[float], z: float = 1.96) -> dict:
@@ -114,7 +116,7 @@ def _policy_dir(path: str) -> tuple[Path, dict]:
 
 
 def evaluate_policy(config: EvalConfig) -> dict:
-    from perlhf.backbone import Backbone
+    from perlhf.backbone import Backbone, trained_quantization
     from perlhf.data import load_prompts
     from perlhf.models import load_model
     from perlhf.rl.objectives import exact_kl, masked_sum
@@ -130,7 +132,8 @@ def evaluate_policy(config: EvalConfig) -> dict:
     if reward_dir:
         names[0] = "reward_model"
 
-    loaded = load_model(model_name, device=config.device, dtype=config.dtype)
+    quantize = config.quantize or trained_quantization(policy_dir)  # evaluated on the base it was trained on
+    loaded = load_model(model_name, device=config.device, dtype=config.dtype, quantize=quantize)
     tokenizer = loaded.tokenizer
     backbone = Backbone(loaded.model)
     backbone.load_adapter("policy", policy_dir, trainable=False)
@@ -139,7 +142,7 @@ def evaluate_policy(config: EvalConfig) -> dict:
         backbone.load_adapter("anchor", run_config["policy_adapter"], trainable=False)
         anchor = "anchor"
 
-    judges = {name: _judge(spec, i, backbone, tokenizer, model_name, config)
+    judges = {name: _judge(spec, i, backbone, tokenizer, model_name, loaded.quantization, config)
               for i, (spec, name) in enumerate(zip(judge_specs, names))}
 
     prompts, report = load_prompts(config.prompts, column=config.prompt_column, limit=config.num_prompts)
@@ -217,16 +220,17 @@ def evaluate_policy(config: EvalConfig) -> dict:
     return results
 
 
-def _judge(spec: str, index: int, backbone, tokenizer, model_name: str, config: EvalConfig):
+def _judge(spec: str, index: int, backbone, tokenizer, model_name: str, quantization: str | None, config: EvalConfig):
     """A function (prompts, response texts) -> scores: the demo's gold preference, a reward adapter on the same
-    backbone (read as `perlhf rm score` reads it), or a reward model on another base as a separate model."""
-    from perlhf.reward import load_reward_model, reward_adapter
+    backbone (read as `perlhf rm score` reads it), or a reward model on another base (or quantized otherwise) as a
+    separate model, loaded as it was trained."""
+    from perlhf.reward import fits_backbone, load_reward_model, reward_adapter
 
     if spec == "gold":
         from perlhf.demo import gold_preference
 
         return lambda prompts, texts: [gold_preference(p, t) for p, t in zip(prompts, texts)]
-    if _judge_base(spec) in (None, model_name):
+    if fits_backbone(spec, model_name, quantization):
         adapter = f"judge{index}"
         reward = reward_adapter(backbone, adapter, spec, tokenizer)
 
@@ -236,13 +240,6 @@ def _judge(spec: str, index: int, backbone, tokenizer, model_name: str, config: 
         return on_backbone
     separate = load_reward_model(spec, device=config.device, dtype=config.dtype)
     return separate.score
-
-
-def _judge_base(directory: str) -> str | None:
-    path = Path(directory) / "adapter_config.json"
-    if not path.exists():
-        return "(full model)"
-    return json.loads(path.read_text(encoding="utf-8")).get("base_model_name_or_path")
 
 
 def _prompt_text(prompt) -> str:

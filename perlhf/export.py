@@ -5,6 +5,11 @@ no LoRA tensors, must differ from the base where the adapter acts, and must give
 reward scores) on a fixed input within `--tolerance`. "Merged" models that are really the bare base, or that still
 carry unmerged LoRA keys transformers silently drops, fail here instead of in someone's evaluation.
 
+An adapter trained on a quantized base (`--quantize 4bit`, recorded in its config) is checked against that base:
+its merged export is the adapter merged into the base's de-quantized weights (the weights it was trained on, as
+bitsandbytes computes with them), so the merged model gives the quantized adapter model's outputs within the
+tolerance. LLM.int8 (8bit) also rounds activations, which no merged weight can reproduce: that merge is refused.
+
 Reward adapters become `*ForSequenceClassification` models (num_labels=1). transformers scores the last token that
 is not padding, perlhf the last real token, which is the eos; where a tokenizer pads with its eos (SmolLM2 does),
 transformers would score the token before it. Those exports get another special token as their pad token.
@@ -43,8 +48,13 @@ class Adapter:
     kind: str  # "policy" (a causal LM adapter) or "reward" (has the scalar `score` head)
     base: str  # the base model to load: --model, else the adapter's base_model_name_or_path
 
+    @property
+    def quantization(self) -> str | None:
+        """The quantization of the base it was trained on ("4bit", "8bit"), as recorded when it was saved."""
+        return self.config.get("perlhf_quantization")
 
-def read_adapter(directory: str | Path, model: str | None = None) -> Adapter:
+
+def read_adapter(directory: str | Path, model: str | None = None, quantize: str | None = None) -> Adapter:
     from safetensors import safe_open
 
     directory = Path(directory)
@@ -62,11 +72,16 @@ def read_adapter(directory: str | Path, model: str | None = None) -> Adapter:
     base = model or config.get("base_model_name_or_path")
     if not base:
         raise ExportError(f"--adapter {directory}: {ADAPTER_CONFIG} names no base_model_name_or_path; pass --model")
-    return Adapter(directory, config, kind, base)
+    recorded = config.get("perlhf_quantization", quantize)
+    if quantize and quantize != recorded:
+        raise ExportError(f"--quantize {quantize}: {directory} was trained on {recorded or 'an unquantized base'} "
+                          f"({ADAPTER_CONFIG}); it is exported against that base")
+    return Adapter(directory, {**config, "perlhf_quantization": recorded}, kind, base)
 
 
 def export_adapter(adapter_dir: str | Path, output_dir: str | Path, merge: bool = False, model: str | None = None,
-                   dtype: str | None = None, overwrite: bool = False, tolerance: float = TOLERANCE) -> dict:
+                   dtype: str | None = None, overwrite: bool = False, tolerance: float = TOLERANCE,
+                   quantize: str | None = None) -> dict:
     """Export the adapter (merge=False) or the base with the adapter merged in (merge=True), verified.
 
     Everything is written to OUTPUT.partial-PID and moved into place only once verified, so a failed export leaves
@@ -74,7 +89,7 @@ def export_adapter(adapter_dir: str | Path, output_dir: str | Path, merge: bool 
     """
     from perlhf.models import resolve_dtype
 
-    adapter = read_adapter(adapter_dir, model)
+    adapter = read_adapter(adapter_dir, model, quantize)
     if dtype is not None and not merge:
         raise ExportError("--dtype applies to --merge exports; an adapter export copies the adapter weights as is")
     try:
@@ -134,18 +149,26 @@ def _tokenizer(adapter: Adapter):
     return tokenizer
 
 
-def _load_base(adapter: Adapter, tokenizer):
+def _load_base(adapter: Adapter, tokenizer, dequantized: bool = False):
+    """The base in float32, quantized as the adapter was trained (bitsandbytes), or with `dequantized` holding
+    those quantized weights de-quantized into plain float32 layers (what a merge goes into)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from perlhf.models import resolve_model_path
+    from perlhf.models import one_compute_path, quantization_config, resolve_model_path
 
     path, _ = resolve_model_path(adapter.base)
     cls, extra = ((AutoModelForSequenceClassification, {"num_labels": 1}) if adapter.kind == "reward"
                   else (AutoModelForCausalLM, {}))
+    if adapter.quantization:
+        extra.update(quantization_config=quantization_config(adapter.quantization, torch.float32), device_map="cpu")
     try:
         model = cls.from_pretrained(path, dtype=torch.float32, use_safetensors=True, **extra)
     except OSError as err:
         raise ExportError(f"cannot load the base model {adapter.base} (safetensors weights only): {err}") from None
+    if adapter.quantization:
+        one_compute_path(model)
+        if dequantized:
+            model = model.dequantize(dtype=torch.float32)
     if adapter.kind == "reward":
         model.config.pad_token_id = tokenizer.pad_token_id  # what marks padding for the score's token choice
     elif model.config.pad_token_id is None:
@@ -153,10 +176,10 @@ def _load_base(adapter: Adapter, tokenizer):
     return model.eval()
 
 
-def _load_with_adapter(adapter: Adapter, directory: Path, tokenizer):
+def _load_with_adapter(adapter: Adapter, directory: Path, tokenizer, dequantized: bool = False):
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(_load_base(adapter, tokenizer), directory).eval()
+    return PeftModel.from_pretrained(_load_base(adapter, tokenizer, dequantized), directory).eval()
 
 
 def _sample(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
@@ -225,10 +248,18 @@ def _check_scoring(model, ids: torch.Tensor, mask: torch.Tensor, tolerance: floa
 
 
 def _export_merged(adapter: Adapter, out: Path, save_dtype: torch.dtype, tolerance: float) -> dict:
+    if adapter.quantization == "8bit":
+        raise ExportError(f"--adapter {adapter.directory} was trained on an 8-bit (LLM.int8) base, which rounds "
+                          "activations as well as weights, so no merged model gives its outputs. Export the adapter "
+                          "alone (no --merge) and load it on the 8-bit base, or train on a 4-bit or unquantized base "
+                          "to merge")
     tokenizer = _tokenizer(adapter)
     ids, mask = _sample(tokenizer)
     model = _load_with_adapter(adapter, adapter.directory, tokenizer)
-    reference = _outputs(model, adapter.kind, ids, mask)
+    reference = _outputs(model, adapter.kind, ids, mask)  # the adapter on the base it was trained on
+    if adapter.quantization:  # merge into the de-quantized weights, checked against the quantized model's outputs
+        del model
+        model = _load_with_adapter(adapter, adapter.directory, tokenizer, dequantized=True)
     verification: dict = {"tolerance": tolerance}
     if adapter.kind == "reward":
         verification["scoring_max_abs_diff"] = _check_scoring(model, ids, mask, tolerance)
@@ -273,7 +304,7 @@ def _export_merged(adapter: Adapter, out: Path, save_dtype: torch.dtype, toleran
                  "model", effect)
     verification.update(lora_keys=0, weights_checked=len(before), weights_changed=len(changed))
     return {"dtype": str(save_dtype).removeprefix("torch."), "pad_token": tokenizer.pad_token,
-            "verification": verification}
+            "trained_on": adapter.quantization or "unquantized base", "verification": verification}
 
 
 def _changed_base_weights(model, limit: int = 3) -> dict[str, torch.Tensor]:
@@ -353,7 +384,9 @@ def describe(result: dict) -> str:
                  f"perlhf: verified: PEFT loads it with all {v['tensors_loaded']} tensors intact"]
     else:
         measure = "scores" if result["kind"] == "reward" else "logits"
-        lines = [f"perlhf: merged {what} into {result['base_model']} ({result['dtype']}) -> {result['output_dir']}",
+        into = (f"the de-quantized weights of {result['base_model']} (trained on its {result['trained_on']} "
+                "quantization)" if result["trained_on"] != "unquantized base" else result["base_model"])
+        lines = [f"perlhf: merged {what} into {into} ({result['dtype']}) -> {result['output_dir']}",
                  f"perlhf: verified from disk: no LoRA tensors; {v['weights_changed']} of {v['weights_checked']} "
                  "checked projection weights changed by the merge"]
         if result["dtype"] == "float32":
@@ -375,7 +408,7 @@ def describe(result: dict) -> str:
 def _run(args) -> int:
     try:
         result = export_adapter(args.adapter, args.output_dir, merge=args.merge, model=args.model, dtype=args.dtype,
-                                overwrite=args.overwrite, tolerance=args.tolerance)
+                                overwrite=args.overwrite, tolerance=args.tolerance, quantize=args.quantize)
     except ExportError as err:
         print(f"perlhf: export failed: {err}", file=sys.stderr)
         return 1
@@ -390,6 +423,9 @@ def register_cli(parser) -> None:
     parser.add_argument("--merge", action="store_true", help="merge the adapter into the base and save a full model")
     parser.add_argument("--model", default=None, help="base model (default: the adapter's base_model_name_or_path)")
     parser.add_argument("--dtype", default=None, help="merged weights: float32 (default), bfloat16 or float16")
+    parser.add_argument("--quantize", default=None, choices=["4bit", "8bit"],
+                        help="the quantization of the base the adapter was trained on, for adapters that do not "
+                             "record it (perlhf records it)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
     parser.add_argument("--tolerance", type=float, default=TOLERANCE,
                         help="largest max-abs logit/score difference the verification accepts")

@@ -25,11 +25,43 @@ class ModelLoadError(RuntimeError):
     pass
 
 
+QUANTIZATIONS = {"4bit": "4-bit NF4 with double quantization", "8bit": "8-bit LLM.int8"}
+
+
 @dataclass
 class LoadedModel:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     source: str  # where the weights came from, said on screen
+    quantization: str | None = None  # "4bit", "8bit" or None
+
+
+def check_quantize(quantize: str | None, flag: str = "--quantize") -> None:
+    if quantize not in (None, *QUANTIZATIONS):
+        raise ValueError(f"{flag} must be 4bit or 8bit (got {quantize!r})")
+
+
+def one_compute_path(model: torch.nn.Module) -> None:
+    """On CPUs with AVX512-BF16, bitsandbytes computes 4-bit layers in bf16 in eval mode without gradients, and in
+    the compute dtype otherwise: sampling and scoring would see another model than the update passes. Keep one."""
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+
+
+def quantization_config(quantize: str, compute_dtype: torch.dtype):
+    """bitsandbytes settings of a quantized frozen backbone (QLoRA's NF4 + double quantization, or LLM.int8);
+    the LM head and norms stay in the compute dtype, and adapters and heads keep fp32 master weights."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ModelLoadError(f"--quantize {quantize} needs bitsandbytes: pip install 'perlhf[quantize]'") from None
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=compute_dtype)
+    return BitsAndBytesConfig(load_in_8bit=True)
 
 
 def cache_root() -> Path:
@@ -147,14 +179,20 @@ def load_model(
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     verbose: bool = True,
+    quantize: str | None = None,
 ) -> LoadedModel:
+    """The model and tokenizer; with `quantize` ("4bit" or "8bit") the weights are quantized by bitsandbytes as
+    they load, straight onto the device."""
+    check_quantize(quantize)
     path, source = resolve_model_path(name)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
+    quantized = {"quantization_config": quantization_config(quantize, torch_dtype),
+                 "device_map": {"": str(dev)}} if quantize else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=None if allow_pickle else True
-        )
+            path, dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=None if allow_pickle else True,
+            **quantized)
     except ValueError as err:
         if not trust_remote_code and "trust_remote_code" in str(err):
             raise ModelLoadError(
@@ -172,7 +210,11 @@ def load_model(
     tokenizer = _prepare_tokenizer(AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code))
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    model.to(dev)
+    if not quantize:
+        model.to(dev)  # a quantized model is placed by device_map; bitsandbytes refuses .to()
+    one_compute_path(model)
     if verbose:
-        print(f"perlhf: model {name} from {source} on {dev} ({str(torch_dtype).removeprefix('torch.')})")
-    return LoadedModel(model=model, tokenizer=tokenizer, source=source)
+        how = f"{QUANTIZATIONS[quantize]}, computing in " if quantize else ""
+        print(f"perlhf: model {name} from {source} on {dev} ({how}{str(torch_dtype).removeprefix('torch.')}"
+              f"{f'; {model.get_memory_footprint() / 2**20:.0f} MiB of weights' if quantize else ''})")
+    return LoadedModel(model=model, tokenizer=tokenizer, source=source, quantization=quantize)

@@ -29,18 +29,28 @@ class RewardConfig(SupervisedConfig):
     data: str = field("", "preference data: file, directory or Hugging Face dataset id (id:split)")
     kind: str | None = field(None, "pairs or pointwise; default: detected from the columns")
     output_dir: str = field("runs/reward", "run directory: adapter, checkpoints, logs")
-    learning_rate: float | None = field(None, "default 2e-4 with LoRA, 1e-5 with --full (the paper's ranges)")
+    # LoRA on every linear layer at 10x full tuning's learning rate: measured best at a fixed budget (docs/reward.md,
+    # benchmarks/reward_quality.py); the paper's attention-only recipe is --lora-target attention
+    lora_target: str = field("all-linear", "all-linear, attention (the PERL paper's recipe), or module names")
+    lora_rank: int = field(16, "LoRA rank")
+    lora_alpha: float = field(32.0, "LoRA alpha")
+    learning_rate: float | None = field(None, "default 5e-4 with LoRA, 1e-5 with --full")
     margin: float = field(0.0, "Bradley-Terry margin: the chosen must beat the rejected by this much")
+    head_learning_rate: float | None = field(None, "learning rate of the scalar head; default: --learning-rate")
+    balance_classes: bool = field(False, "pointwise: weight thumbs up and down by the inverse of their share of "
+                                         "the training ratings, so the rarer rating counts as much")
     per_device_train_batch_size: int = field(8, "pairs (or rated replies) per device per micro-batch")
     per_device_eval_batch_size: int = field(16, "pairs per device per evaluation batch")
     max_length: int = field(512, "tokens per prompt+response; longer prompts are cut from the left")
 
-    DEFAULT_LEARNING_RATES = (2e-4, 1e-5)
+    DEFAULT_LEARNING_RATES = (5e-4, 1e-5)
 
     def validate(self) -> None:
         super().validate()
         check(self.kind in (None, "pairs", "pointwise"), "kind", f"must be pairs or pointwise (got {self.kind!r})")
         check(self.margin >= 0, "margin", "must be >= 0")
+        check(self.head_learning_rate is None or self.head_learning_rate > 0, "head_learning_rate",
+              f"must be > 0 (got {self.head_learning_rate})")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -52,9 +62,11 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: flo
     return -F.logsigmoid(chosen - rejected - margin).mean()
 
 
-def pointwise_loss(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Binary cross-entropy of sigmoid(score) against thumbs up (1) / down (0)."""
-    return F.binary_cross_entropy_with_logits(scores, labels.to(scores.dtype))
+def pointwise_loss(scores: torch.Tensor, labels: torch.Tensor, positive_weight: float = 1.0) -> torch.Tensor:
+    """Binary cross-entropy of sigmoid(score) against thumbs up (1) / down (0), thumbs up weighted by
+    `positive_weight`: the mean over ratings of w_i * BCE_i."""
+    weights = torch.where(labels > 0.5, positive_weight, 1.0).to(scores.dtype)
+    return F.binary_cross_entropy_with_logits(scores, labels.to(scores.dtype), weight=weights)
 
 
 def pairwise_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> float:
@@ -168,10 +180,30 @@ def reward_adapter(backbone, name: str, directory: str | Path, tokenizer) -> Rew
                        info.get("base_model_name_or_path", ""))
 
 
+def fits_backbone(directory: str | Path, model: str, quantization: str | None) -> bool:
+    """Whether the reward model in `directory` is a LoRA adapter trained on this very base (`model`, quantized
+    as `quantization`), so it can score as a role of that backbone and give the scores it was trained to give."""
+    from perlhf.backbone import ADAPTER_CONFIG
+
+    path = Path(directory) / ADAPTER_CONFIG
+    if not path.exists():
+        return False  # a fully tuned reward model has weights of its own
+    info = json.loads(path.read_text(encoding="utf-8"))
+    base = info.get("base_model_name_or_path")
+    same = bool(base) and (base == model or (Path(base).exists() and Path(model).exists()
+                                             and Path(base).resolve() == Path(model).resolve()))
+    return same and info.get("perlhf_quantization") == quantization
+
+
+RECORDED = "recorded"  # load_reward_model's default: the quantization the reward model was trained on
+
+
 def load_reward_model(directory: str | Path, model: str | None = None, device: str | None = None,
-                      dtype: str | None = None, loaded=None, verbose: bool = True) -> RewardModel:
-    """Load a reward model saved by `perlhf rm train` (LoRA adapter + head, or a full model + head)."""
-    from perlhf.backbone import HEAD_KEY, ADAPTER_CONFIG, Backbone
+                      dtype: str | None = None, loaded=None, verbose: bool = True,
+                      quantize: str | None = RECORDED) -> RewardModel:
+    """Load a reward model saved by `perlhf rm train` (LoRA adapter + head, or a full model + head). A LoRA reward
+    model's base is loaded quantized as it was in training unless `quantize` says otherwise (then it warns)."""
+    from perlhf.backbone import HEAD_KEY, ADAPTER_CONFIG, Backbone, trained_quantization
     from perlhf.models import load_model
     from safetensors.torch import load_file
 
@@ -179,9 +211,14 @@ def load_reward_model(directory: str | Path, model: str | None = None, device: s
     if (directory / ADAPTER_CONFIG).exists():
         if loaded is None:
             info = json.loads((directory / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-            loaded = load_model(model or info["base_model_name_or_path"], device=device, dtype=dtype, verbose=verbose)
+            quantize = trained_quantization(directory) if quantize == RECORDED else quantize
+            loaded = load_model(model or info["base_model_name_or_path"], device=device, dtype=dtype, verbose=verbose,
+                                quantize=quantize)
         reward = reward_adapter(Backbone(loaded.model), RewardModel.ADAPTER, directory, loaded.tokenizer)
     elif (directory / "score.safetensors").exists():
+        if quantize not in (None, RECORDED):
+            raise ValueError(f"{directory}: a fully tuned reward model is loaded as trained; --quantize applies to "
+                             "LoRA reward models (a frozen base)")
         info = json.loads((directory / "perlhf_reward.json").read_text(encoding="utf-8"))
         loaded = load_model(str(directory), device=device, dtype=dtype, verbose=verbose)
         body = loaded.model
@@ -273,11 +310,11 @@ def forward_batch(model: nn.Module, batch: list[Encoded], pad_id: int, device) -
     return {"scores": model(ids, mask), "labels": labels, "tokens": mask.sum()}
 
 
-def batch_loss(out: dict[str, torch.Tensor], margin: float) -> tuple[torch.Tensor, float]:
+def batch_loss(out: dict[str, torch.Tensor], margin: float, positive_weight: float = 1.0) -> tuple[torch.Tensor, float]:
     if "chosen" in out:
         return bradley_terry_loss(out["chosen"], out["rejected"], margin), pairwise_accuracy(out["chosen"], out["rejected"])
     accuracy = ((out["scores"] > 0).float() == out["labels"]).float().mean().item()
-    return pointwise_loss(out["scores"], out["labels"]), accuracy
+    return pointwise_loss(out["scores"], out["labels"], positive_weight), accuracy
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -294,7 +331,9 @@ def evaluate(model: nn.Module, examples: list[Encoded], pad_id: int, batch_size:
     model.eval()
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     device = next(model.parameters()).device
-    mine = list(range(rank, len(examples), world))
+    # this process's share, longest first: batches of similar lengths waste little compute on padding
+    mine = sorted(range(rank, len(examples), world), key=lambda i: -max(len(examples[i].chosen),
+                                                                        len(examples[i].rejected or [])))
     rows = []
     for start in range(0, len(mine), batch_size):
         index = mine[start:start + batch_size]
@@ -333,7 +372,7 @@ def train_reward_model(config: RewardConfig) -> dict:
     from perlhf.data import load_preferences
     from perlhf.training import Task, load_split, say_what_trains, start_run, train_supervised
 
-    accelerator, run_dir, resuming, loaded = start_run(config)
+    accelerator, run_dir, resuming, loaded = start_run(config, "rm")
     main, tokenizer = accelerator.is_main_process, loaded.tokenizer
     train_records, val_records = load_split(config, partial(load_preferences, kind=config.kind),
                                             run_dir if main else None, verbose=main)
@@ -344,13 +383,21 @@ def train_reward_model(config: RewardConfig) -> dict:
         print(f"perlhf: {len(train)} training and {len(val)} validation {kind}; truncated to --max-length "
               f"{config.max_length}: {truncated} training, {val_truncated} validation (prompt cut from the left)")
 
+    positive_weight = 1.0
+    if kind == "pointwise" and config.balance_classes:
+        positives = sum(e.label > 0.5 for e in train)
+        positive_weight = (len(train) - positives) / max(positives, 1)
+        if main:
+            print(f"perlhf: --balance-classes: {positives} of {len(train)} training ratings are thumbs up; "
+                  f"they weigh {positive_weight:.3g} each, thumbs down 1")
     model = build_reward_model(config, loaded)
+    head_lr = config.head_learning_rate
     if main:
-        say_what_trains(config, model, " + scalar head")
+        say_what_trains(config, model, " + scalar head" + (f" at lr {head_lr:g}" if head_lr is not None else ""))
 
     def step_loss(module: nn.Module, batch: list[Encoded]):
         out = forward_batch(module, batch, tokenizer.pad_token_id, accelerator.device)
-        loss, accuracy = batch_loss(out, config.margin)
+        loss, accuracy = batch_loss(out, config.margin, positive_weight)
         return loss, {"train/accuracy": accuracy}, out["tokens"]
 
     task = Task(model=model, examples=train,
@@ -358,7 +405,9 @@ def train_reward_model(config: RewardConfig) -> dict:
                 step_loss=step_loss,
                 evaluate=lambda module: evaluate(module, val, tokenizer.pad_token_id,
                                                  config.per_device_eval_batch_size, accelerator),
-                best_metric="eval/accuracy", higher_is_better=True, lr=config.lr, description="reward model",
+                best_metric="eval/accuracy" if kind == "pairs" else "eval/roc_auc", higher_is_better=True,
+                lr=config.lr, own_rates={model.head: head_lr} if head_lr is not None else {},
+                description="reward model",
                 show=("train/loss", "train/accuracy"),
                 summary={"kind": kind, "train_examples": len(train), "validation_examples": len(val)})
     summary = train_supervised(config, task, accelerator, run_dir, resuming)
@@ -391,7 +440,8 @@ def _run_train(args) -> int:
 def _run_eval(args) -> int:
     from perlhf.data import load_preferences
 
-    reward = load_reward_model(args.rm, model=args.model, device=args.device, dtype=args.dtype)
+    reward = load_reward_model(args.rm, model=args.model, device=args.device, dtype=args.dtype,
+                               quantize=args.quantize or RECORDED)
     records, report = load_preferences(args.data, columns=dict(args.columns or []) or None, kind=args.kind,
                                        rejects_path=args.rejects, limit=args.limit)
     print(f"perlhf: {report.summary()}")
@@ -404,7 +454,8 @@ def _run_eval(args) -> int:
 
 
 def _run_score(args) -> int:
-    reward = load_reward_model(args.rm, model=args.model, device=args.device, dtype=args.dtype, verbose=False)
+    reward = load_reward_model(args.rm, model=args.model, device=args.device, dtype=args.dtype, verbose=False,
+                               quantize=args.quantize or RECORDED)
     if args.data:
         from perlhf.data import load_preferences
 
@@ -440,6 +491,8 @@ def register_cli(subparsers) -> None:
         parser.add_argument("--model", default=None, help="backbone (default: the one the reward model names)")
         parser.add_argument("--device", default=None)
         parser.add_argument("--dtype", default=None)
+        parser.add_argument("--quantize", choices=["4bit", "8bit"], default=None,
+                            help="quantize the base (default: as the reward model was trained; another warns)")
         parser.add_argument("--batch-size", type=int, default=16)
         parser.add_argument("--limit", type=int, default=None, help="use at most N records")
         parser.add_argument("--kind", choices=["pairs", "pointwise"], default=None)

@@ -178,7 +178,7 @@ def train_sft(config: SFTConfig) -> dict:
     from perlhf.data import load_sft
     from perlhf.training import Task, load_split, say_what_trains, start_run, train_supervised
 
-    accelerator, run_dir, resuming, loaded = start_run(config)
+    accelerator, run_dir, resuming, loaded = start_run(config, "sft")
     main, tokenizer = accelerator.is_main_process, loaded.tokenizer
     train_records, val_records = load_split(config, load_sft, run_dir if main else None, verbose=main)
     train, truncated = encode(train_records, tokenizer, config)

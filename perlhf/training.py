@@ -44,6 +44,7 @@ class SupervisedConfig:
     lora_alpha: float = option(16.0, "LoRA alpha")
     lora_dropout: float = option(0.0, "LoRA dropout")
     lora_target: str = option("attention", "attention, all-linear, or comma-separated module names")
+    lora_rslora: bool = option(False, "scale LoRA by alpha/sqrt(rank) (rsLoRA) instead of alpha/rank")
     learning_rate: float | None = option(None, "default: the trainer's for LoRA or --full")
     weight_decay: float = option(0.0, "AdamW weight decay")
     lr_scheduler_type: str = option("cosine", "transformers scheduler name: linear, cosine, constant, ...")
@@ -61,7 +62,9 @@ class SupervisedConfig:
     seed: int = option(42, "random seed (data split, order, initialisation)")
     device: str | None = option(None, "cpu, cuda, cuda:1 ...; default: cuda if available")
     dtype: str | None = option(None, "float32, bfloat16, float16; default: bf16 on CUDA, fp32 on CPU")
-    gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
+    quantize: str | None = option(None, cfg.QUANTIZE_HELP)
+    gradient_checkpointing: bool | None = option(None, "recompute activations in backward to save memory; default: "
+                                                       "on when the run would not fit otherwise (perlhf plan)")
     trust_remote_code: bool = option(False, "allow model code from the model repository")
     allow_pickle: bool = option(False, "allow pickle-based weight files (can run code when loaded)")
 
@@ -91,6 +94,7 @@ class SupervisedConfig:
         check(self.weight_decay >= 0, "weight_decay", f"must be >= 0 (got {self.weight_decay})")
         check(self.limit is None or self.limit >= 1, "limit", f"must be >= 1 (got {self.limit})")
         cfg.check_dtype(self.dtype)
+        cfg.check_quantize(self.quantize, self.full)
         cfg.check_scheduler(self.lr_scheduler_type)
 
     @property
@@ -110,7 +114,8 @@ def trainable_body(config: SupervisedConfig, loaded, adapter: str) -> nn.Module:
         base.enable_input_require_grads()
     if config.full:
         return base.requires_grad_(True)
-    lora = lora_config(base, config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_target)
+    lora = lora_config(base, config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_target,
+                       rslora=config.lora_rslora)
     return Backbone.with_adapter(base, adapter, lora).model
 
 
@@ -150,14 +155,16 @@ class Task:
     evaluate: Callable[[nn.Module], dict]
     best_metric: str                  # the eval metric that picks RUN/best
     higher_is_better: bool
-    lr: float
+    lr: float                         # the body's learning rate
     description: str                  # progress bar and log name
     show: tuple[str, ...]             # metrics shown on the progress bar
     summary: dict = field(default_factory=dict)  # extra figures for the summary and eval_results.json
+    own_rates: dict = field(default_factory=dict)  # {module: learning rate} for parts that train at another rate
 
 
-def start_run(config):
-    """The Accelerator, the run directory (True when it holds a run to resume) and the backbone, loaded once."""
+def start_run(config, task: str):
+    """The Accelerator, the run directory (True when it holds a run to resume) and the backbone, loaded once; the
+    memory the run expects is printed, and --gradient-checkpointing decided where left to perlhf (`task`: rm, sft)."""
     from accelerate import Accelerator
 
     from perlhf.guards import prepare_run_dir
@@ -172,7 +179,11 @@ def start_run(config):
     with accelerator.main_process_first():  # the first load may convert the embedded model; do it once
         loaded = load_model(config.model, device=str(accelerator.device) if config.device is None else config.device,
                             dtype=config.dtype, trust_remote_code=config.trust_remote_code,
-                            allow_pickle=config.allow_pickle, verbose=accelerator.is_main_process)
+                            allow_pickle=config.allow_pickle, verbose=accelerator.is_main_process,
+                            quantize=config.quantize)
+    from perlhf.plan import choose_checkpointing
+
+    config.gradient_checkpointing = choose_checkpointing(config, task, accelerator.device, accelerator.is_main_process)
     return accelerator, run_dir, resuming, loaded
 
 
@@ -189,7 +200,11 @@ def train_supervised(config, task: Task, accelerator, run_dir: Path, resuming: b
     main, world = accelerator.is_main_process, accelerator.num_processes
     model = task.model
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=task.lr, weight_decay=config.weight_decay)
+    own = {id(p): rate for module, rate in task.own_rates.items() for p in module.parameters() if p.requires_grad}
+    groups = [{"params": [p for p in params if id(p) not in own], "lr": task.lr}]
+    groups += [{"params": [p for p in params if own.get(id(p)) == rate], "lr": rate} for rate in dict.fromkeys(own.values())]
+    rates = [group["lr"] for group in groups]
+    optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
     scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=int(config.warmup_ratio *
                               config.max_steps), num_training_steps=config.max_steps)
 
@@ -204,7 +219,7 @@ def train_supervised(config, task: Task, accelerator, run_dir: Path, resuming: b
         state = load_training_state(latest.path / "training_state.pt", optimizer=optimizer, scheduler=scheduler)
         restore_rng_state(state["rng"])
         start_step, best = latest.step, latest.meta.get("best", best)
-        apply_learning_rates(optimizer, scheduler, [task.lr], main)
+        apply_learning_rates(optimizer, scheduler, rates, main)
         if main:
             print(f"perlhf: resuming {run_dir} from step {start_step} ({latest.path.name}); "
                   "pass --overwrite-output-dir to start over")

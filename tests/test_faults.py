@@ -374,8 +374,8 @@ def _nan_loss_at(monkeypatch, steps: set[int] | None = None, from_step: int | No
     real = reward.batch_loss
     calls = {"n": 0}
 
-    def batch_loss(out, margin):
-        loss, accuracy = real(out, margin)
+    def batch_loss(out, margin, *rest):
+        loss, accuracy = real(out, margin, *rest)
         if torch.is_grad_enabled():
             calls["n"] += 1
             if (steps and calls["n"] in steps) or (from_step is not None and calls["n"] >= from_step):
@@ -465,8 +465,8 @@ def test_skipped_step_count_survives_a_resume(inputs, tmp_path, monkeypatch):
     def patched(stop_at: int | None):
         calls = {"n": 0}
 
-        def batch_loss(out, margin):
-            loss, accuracy = real(out, margin)
+        def batch_loss(out, margin, *rest):
+            loss, accuracy = real(out, margin, *rest)
             if torch.is_grad_enabled():
                 calls["n"] += 1
                 if calls["n"] == 3:

@@ -80,8 +80,10 @@ def test_full_fine_tuning_trains_every_weight_and_reloads(tiny_dirs, tmp_path):
     out = tmp_path / "full"
     summary = train_reward_model(config(tiny_dirs["llama"], write_pairs(tmp_path / "p.jsonl"), out, full=True,
                                         learning_rate=1e-3))
-    lora = train_reward_model(config(tiny_dirs["llama"], tmp_path / "p.jsonl", tmp_path / "lora"))
-    assert summary["trainable_parameters"] > 5 * lora["trainable_parameters"]
+    from transformers import AutoModelForCausalLM
+
+    every = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"]).parameters())
+    assert summary["trainable_parameters"] == every + 32  # every weight, and the head (hidden size 32)
     reloaded = load_reward_model(out, device="cpu", verbose=False)
     scores = reloaded.score(["Tell me about cats."] * 2, ["Sure! cats are lovely.", "no 3 go away"])
     assert scores[0] > scores[1]

@@ -44,6 +44,7 @@ class GenerateConfig:
     limit: int | None = field(None, "use only the first N prompts")
     device: str | None = field(None, "cpu, cuda, cuda:1 ... (default: cuda if available)")
     dtype: str | None = field(None, "float32, bfloat16, float16 (default: by device)")
+    quantize: str | None = field(None, "load the backbone quantized through bitsandbytes: 4bit or 8bit")
 
     def validate(self) -> None:
         check(self.prompts is not None, "prompts", "is required")
@@ -59,6 +60,7 @@ class GenerateConfig:
         check(self.labels_per_pair >= 1, "labels_per_pair", "must be at least 1")
         check(self.max_prompt_tokens >= 1, "max_prompt_tokens", "must be at least 1")
         check(self.limit is None or self.limit >= 1, "limit", "must be at least 1")
+        check(self.quantize in (None, "4bit", "8bit"), "quantize", f"must be 4bit or 8bit (got {self.quantize!r})")
         for path in self.sources():
             if path != BASE:
                 check(Path(path, "adapter_config.json").is_file(), "adapters" if self.adapters else "adapter",
@@ -89,7 +91,7 @@ def _load_sources(config: GenerateConfig):
     """The model to call generate() on, and per source a context manager that makes it the active one."""
     from perlhf.models import load_model
 
-    loaded = load_model(config.model_name(), device=config.device, dtype=config.dtype)
+    loaded = load_model(config.model_name(), device=config.device, dtype=config.dtype, quantize=config.quantize)
     sources = config.sources()
     adapters = [s for s in sources if s != BASE]
     if not adapters:

@@ -77,6 +77,7 @@ class RLConfig:
     seed: int = field(42, "random seed")
     device: str | None = field(None, "cpu, cuda, ...; default: cuda if available")
     dtype: str | None = field(None, "default: bf16 on CUDA, fp32 on CPU")
+    quantize: str | None = field(None, cfg.QUANTIZE_HELP)
     trust_remote_code: bool = field(False, "allow model code from the model repository")
     allow_pickle: bool = field(False, "allow pickle-based weight files")
 
@@ -123,6 +124,7 @@ class RLConfig:
         check(self.kl_horizon >= 1, "kl_horizon", f"must be >= 1 (got {self.kl_horizon})")
         check(self.limit is None or self.limit >= 1, "limit", f"must be >= 1 (got {self.limit})")
         cfg.check_dtype(self.dtype)
+        cfg.check_quantize(self.quantize)
         cfg.check_scheduler(self.lr_scheduler_type)
 
     @property
@@ -139,7 +141,7 @@ class Roles:
     policy started from an adapter, in which case it is a frozen copy of that adapter."""
 
     def __init__(self, config: RLConfig, loaded, verbose: bool = True):
-        from perlhf.reward import load_reward_model, reward_adapter
+        from perlhf.reward import fits_backbone, load_reward_model, reward_adapter
 
         self.config, self.tokenizer = config, loaded.tokenizer
         self.backbone = Backbone(loaded.model)
@@ -153,9 +155,7 @@ class Roles:
                                                             config.lora_target), trainable=True)
             self.reference = None
 
-        reward_info = json.loads((Path(config.reward_model) / "adapter_config.json").read_text(encoding="utf-8")) \
-            if (Path(config.reward_model) / "adapter_config.json").exists() else {}
-        self.shared_reward = bool(reward_info) and _same_model(reward_info.get("base_model_name_or_path"), config.model)
+        self.shared_reward = fits_backbone(config.reward_model, config.model, loaded.quantization)
         if self.shared_reward:  # the reward role, read as `perlhf rm score` reads it
             self.reward = reward_adapter(self.backbone, "reward", config.reward_model, self.tokenizer)
         else:
@@ -164,7 +164,8 @@ class Roles:
                                             dtype=config.dtype, verbose=verbose)
             if verbose:
                 print(f"perlhf: the reward model was trained on another base "
-                      f"({self.reward.base_model or config.reward_model}); it is loaded as a separate model, "
+                      f"({self.reward.base_model or config.reward_model}, or quantized otherwise); it is loaded as it "
+                      f"was trained, as a separate model, "
                       f"costing {_parameter_bytes(self.reward) / 2**20:.0f} MiB of weights beside the "
                       f"{before / 2**20:.0f} MiB shared backbone")
 
@@ -230,12 +231,6 @@ def disable_dropout(model: torch.nn.Module) -> None:
         for key, value in list(vars(module).items()):
             if "dropout" in key and isinstance(value, float):
                 setattr(module, key, 0.0)
-
-
-def _same_model(a: str | None, b: str) -> bool:
-    if not a:
-        return False
-    return a == b or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())
 
 
 def _parameter_bytes(module: torch.nn.Module) -> int:
@@ -385,7 +380,8 @@ def train_policy(config: RLConfig) -> dict:
 
     with accelerator.main_process_first():
         loaded = load_model(config.model, device=config.device or str(accelerator.device), dtype=config.dtype,
-                            trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle, verbose=main)
+                            trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle, verbose=main,
+                            quantize=config.quantize)
     tokenizer = loaded.tokenizer
     prompts, report = load_prompts(config.prompts, column=config.prompt_column,
                                    rejects_path=run_dir / "rejects-prompts.jsonl" if main else None, limit=config.limit)
@@ -408,6 +404,9 @@ def train_policy(config: RLConfig) -> dict:
               f"(max |error| {logit_error:.1e} nats); sampling softmax(logits / {config.temperature:g})"
               + ("; not applied from the model's generation_config.json: "
                  + ", ".join(f"{k}={v}" for k, v in ignored.items()) if ignored else ""))
+        from perlhf.plan import say_rl_plan
+
+        say_rl_plan(config, accelerator.device)
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(loaded.model)
     single_pass = reuses_sampling_pass(config)

@@ -1,0 +1,122 @@
+"""`perlhf plan`: parameter counts equal the real model's, the activation probe equals what the whole model keeps
+for backward, and the trainers act on the plan (gradient checkpointing when a run would not fit, the expected
+peak printed at start)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import ARCHITECTURES, save_tiny_model
+from perlhf.plan import GIB, PlanConfig, activations, count_shapes, plan, probe_layer
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, tiny_tokenizer) -> dict:
+    root = tmp_path_factory.mktemp("plan")
+    return {arch: save_tiny_model(arch, root / arch, tiny_tokenizer) for arch in ARCHITECTURES}
+
+
+def _saved_bytes(model, ids: torch.Tensor, mask: torch.Tensor) -> int:
+    """Bytes of every distinct tensor autograd keeps for backward in one forward (parameters excluded)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            storages[ptr] = max(storages.get(ptr, 0), t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        from perlhf.backbone import last_hidden
+
+        last_hidden(model, ids, mask)
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_parameter_counts_equal_the_real_models(models, arch):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from perlhf.backbone import Backbone, lora_config
+
+    config = AutoConfig.from_pretrained(models[arch])
+    shapes = count_shapes(config, 4, "all-linear")
+    real = AutoModelForCausalLM.from_pretrained(models[arch])
+    assert shapes.quantizable + shapes.other == sum(p.numel() for p in real.parameters())
+    peft = Backbone.with_adapter(real, "probe", lora_config(real, 4, 8.0, 0.0, "all-linear")).model
+    assert shapes.lora == sum(p.numel() for n, p in peft.named_parameters() if "lora_" in n)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_the_activation_probe_equals_what_the_whole_model_keeps_for_backward(models, arch):
+    """One layer probed at lengths 32 and 64, scaled to 2 layers, 3 sequences and length 96, against the real
+    model's saved tensors at that shape (the hidden-state working set of backward left out of both)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from perlhf.backbone import Backbone, lora_config
+
+    config = AutoConfig.from_pretrained(models[arch])
+    shapes = count_shapes(config, 4, "all-linear")
+    probe = probe_layer(config, 4, "all-linear", 4)
+    sequences, length = 3, 96
+    predicted = activations(shapes, probe, sequences, length, False, 4) - 2 * sequences * length * shapes.hidden * 4
+
+    real = AutoModelForCausalLM.from_pretrained(models[arch])
+    model = Backbone.with_adapter(real, "probe", lora_config(real, 4, 8.0, 0.0, "all-linear")).model
+    model.train()
+    ids = torch.randint(0, 200, (sequences, length))
+    mask = torch.ones(sequences, length, dtype=torch.long)
+    mask[1, 80:] = 0  # padding: the mask path, as in training
+    measured = _saved_bytes(model, ids, mask)
+    print(f"{arch}: predicted {predicted:.0f} bytes, measured {measured} ({predicted / measured - 1:+.1%})")
+    assert predicted == pytest.approx(measured, rel=0.10), (predicted, measured)
+
+
+def test_a_4bit_plan_counts_the_quantized_weights(models):
+    pytest.importorskip("bitsandbytes")
+    from perlhf.models import load_model
+
+    planned = plan(PlanConfig(model=models["llama"], task="rm", quantize="4bit", device="cpu"))
+    plain = plan(PlanConfig(model=models["llama"], task="rm", device="cpu"))
+    real = load_model(models["llama"], device="cpu", quantize="4bit", verbose=False).model.get_memory_footprint()
+    assert planned["perlhf"]["weights"] < plain["perlhf"]["weights"]
+    assert planned["perlhf"]["weights"] == pytest.approx(real, rel=0.05)
+
+
+def test_the_plan_says_whether_it_fits(models, capsys):
+    from perlhf.cli import main
+
+    assert main(["plan", "--model", models["llama"], "--task", "rl", "--device", "cpu", "--memory", "1GB"]) == 0
+    assert "fits" in capsys.readouterr().out
+    assert main(["plan", "--model", models["llama"], "--task", "rm", "--device", "cpu", "--memory", "1MB"]) == 2
+    out = capsys.readouterr().out
+    assert "does NOT fit" in out and "classic (separate models, full tuning)" in out
+
+
+def test_rm_train_turns_checkpointing_on_only_when_the_run_would_not_fit(models, tmp_path, monkeypatch, capsys):
+    import json
+
+    import perlhf.plan as planning
+    from perlhf.reward import RewardConfig, train_reward_model
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": "yes", "rejected": f"no {i}"}) + "\n"
+                             for i in range(20)))
+
+    def run(name: str, **options) -> str:
+        train_reward_model(RewardConfig(model=models["llama"], data=str(pairs), output_dir=str(tmp_path / name),
+                                        max_steps=1, eval_steps=0, save_steps=1, device="cpu", **options))
+        return capsys.readouterr().out
+
+    out = run("roomy")
+    assert "gradient checkpointing on" not in out and "expected peak memory" in out
+    assert "gradient_checkpointing: false" in (tmp_path / "roomy" / "training_config.yaml").read_text()
+
+    monkeypatch.setattr(planning, "available_memory", lambda device: 0.01 * GIB)
+    out = run("tight")
+    assert "gradient checkpointing on: without it the run would need" in out
+    assert "gradient_checkpointing: true" in (tmp_path / "tight" / "training_config.yaml").read_text()
+    out = run("asked", gradient_checkpointing=False)  # an explicit choice is kept
+    assert "gradient_checkpointing: false" in (tmp_path / "asked" / "training_config.yaml").read_text()
