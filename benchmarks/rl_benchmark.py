@@ -75,7 +75,7 @@ from _common import child_env, cpu_seconds, machine, status_mb, versions, write_
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # perlhf.models.DEFAULT_MODEL; the parent imports no perlhf
-CONFIGS = ("perlhf-reinforce", "perlhf-rloo", "full-reinforce", "trl-rloo")
+CONFIGS = ("perlhf-reinforce", "perlhf-rloo", "full-reinforce", "trl-rloo", "perlhf-reinforce-4bit", "perlhf-rloo-4bit")
 LLAMA_ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]  # what perlhf's "attention" target resolves to here
 TOPICS = ["rain", "tea", "cats", "jazz", "bread", "rivers", "clouds", "lamps", "stone", "music", "trains", "maps",
           "snow", "birds", "salt", "glass"]
@@ -85,12 +85,16 @@ RATIOS = {
     "perlhf/TRL memory": ("perlhf-rloo", "trl-rloo", "peak_mb", 0.60, "<="),
     "full/perlhf time": ("full-reinforce", "perlhf-reinforce", "seconds_per_iteration", 1.3, ">="),
     "TRL/perlhf time": ("trl-rloo", "perlhf-rloo", "seconds_per_iteration", 1.0, ">="),
+    "perlhf 4bit/full memory": ("perlhf-reinforce-4bit", "full-reinforce", "peak_mb", 0.15, "<="),
+    "perlhf 4bit/TRL memory": ("perlhf-rloo-4bit", "trl-rloo", "peak_mb", 0.45, "<="),
 }
 EXTRA_RATIOS = {  # reported, no goal: the other pairings
     "perlhf-reinforce/TRL memory": ("perlhf-reinforce", "trl-rloo", "peak_mb"),
     "TRL/perlhf-reinforce time": ("trl-rloo", "perlhf-reinforce", "seconds_per_iteration"),
     "perlhf/full growth above imports": ("perlhf-reinforce", "full-reinforce", "peak_above_imports_mb"),
     "perlhf/TRL growth above imports": ("perlhf-rloo", "trl-rloo", "peak_above_imports_mb"),
+    "full/perlhf 4bit time": ("full-reinforce", "perlhf-reinforce-4bit", "seconds_per_iteration"),
+    "perlhf 4bit/full growth above imports": ("perlhf-reinforce-4bit", "full-reinforce", "peak_above_imports_mb"),
 }
 
 
@@ -204,7 +208,7 @@ def fixed_length_generation() -> None:
     rollout.GenerationConfig = generation_config
 
 
-def child_perlhf(spec: dict, algorithm: str) -> dict:
+def child_perlhf(spec: dict, algorithm: str, quantize: str | None = None) -> dict:
     """perlhf through its Python API (the CLI runs the same function), with read-only probes."""
     import perlhf.rl.trainer as trainer
     from perlhf.metrics import MetricsLogger, read_metrics
@@ -253,7 +257,8 @@ def child_perlhf(spec: dict, algorithm: str) -> dict:
 
     k = 2 if algorithm == "rloo" else 1
     config = trainer.RLConfig(
-        model=spec["model"], reward_model=spec["reward_adapter"], prompts=spec["prompts_file"], algorithm=algorithm,
+        model=spec["model"], reward_model=spec["reward_adapter_4bit" if quantize else "reward_adapter"],
+        prompts=spec["prompts_file"], algorithm=algorithm, quantize=quantize,
         output_dir=spec["run_dir"], overwrite_output_dir=True, max_steps=spec["steps"],
         batch_size=spec["batch"] // k, samples_per_prompt=k, learning_rate=spec["lr"], value_learning_rate=spec["lr"],
         lora_rank=spec["lora_rank"], lora_alpha=spec["lora_alpha"], lora_target="attention", kl_coef=spec["kl_coef"],
@@ -438,10 +443,9 @@ def run_child(argv: list[str]) -> int:
     parser.add_argument("--result", required=True)
     args = parser.parse_args(argv)
     spec = json.loads(Path(args.spec).read_text())
-    if args.child == "perlhf-reinforce":
-        result = child_perlhf(spec, "reinforce")
-    elif args.child == "perlhf-rloo":
-        result = child_perlhf(spec, "rloo")
+    if args.child.startswith("perlhf-"):  # perlhf-reinforce, perlhf-rloo, and the same on a 4-bit base (-4bit)
+        algorithm, _, quantize = args.child.removeprefix("perlhf-").partition("-")
+        result = child_perlhf(spec, algorithm, quantize or None)
     elif args.child == "full-reinforce":
         result = child_full(spec)
     elif args.child == "trl-rloo":
@@ -473,18 +477,27 @@ def prepare(args, work: Path, env: dict, log) -> dict:
     prompts_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
     reward_adapter, reward_merged = Path(args.reward_model) if args.reward_model else work / "reward", work / "reward-merged"
     perlhf = [sys.executable, "-m", "perlhf.cli"]
+    pairs = work / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": p, "chosen": f"{t.capitalize()} is worth a closer look today.",
+                                         "rejected": "No."}) + "\n" for p, t in zip(prompts, TOPICS)))
     if not (reward_adapter / "adapter_config.json").exists():
         if args.reward_model:
             raise SystemExit(f"--reward-model {reward_adapter}: no adapter_config.json (a LoRA reward model is needed)")
-        pairs = work / "pairs.jsonl"
-        pairs.write_text("".join(json.dumps({"prompt": p, "chosen": f"{t.capitalize()} is worth a closer look today.",
-                                             "rejected": "No."}) + "\n" for p, t in zip(prompts, TOPICS)))
         log(f"training a throw-away LoRA reward model ({args.rm_steps} steps) -> {reward_adapter}")
         run_logged([*perlhf, "rm", "train", "--model", args.model, "--data", str(pairs), "--validation-fraction", "0",
                     "--output-dir", str(reward_adapter), "--overwrite-output-dir", "--max-steps", str(args.rm_steps),
                     "--per-device-train-batch-size", "4", "--eval-steps", "0", "--save-steps", "1000",
-                    "--lora-rank", str(args.lora_rank), "--lora-alpha", str(args.lora_alpha),
+                    "--lora-rank", str(args.lora_rank), "--lora-alpha", str(args.lora_alpha), "--lora-target", "attention",
                     "--max-length", "128", "--device", args.device], work / "rm-train.log", env, "perlhf rm train")
+    reward_4bit = work / "reward-4bit"  # the same reward model trained on the 4-bit base, for the 4-bit rows
+    if any(name.endswith("-4bit") for name in args.only) and not (reward_4bit / "adapter_config.json").exists():
+        log(f"training the same reward model on the 4-bit base -> {reward_4bit}")
+        run_logged([*perlhf, "rm", "train", "--model", args.model, "--data", str(work / "pairs.jsonl"),
+                    "--validation-fraction", "0", "--output-dir", str(reward_4bit), "--overwrite-output-dir",
+                    "--max-steps", str(args.rm_steps), "--per-device-train-batch-size", "4", "--eval-steps", "0",
+                    "--save-steps", "1000", "--lora-rank", str(args.lora_rank), "--lora-alpha", str(args.lora_alpha),
+                    "--lora-target", "attention", "--max-length", "128", "--device", args.device, "--quantize", "4bit"],
+                   work / "rm-train-4bit.log", env, "perlhf rm train --quantize 4bit")
     if not (reward_merged / "config.json").exists():
         log(f"merging it into a sequence-classification model -> {reward_merged}")
         run_logged([*perlhf, "export", "--adapter", str(reward_adapter), "--output-dir", str(reward_merged),
@@ -501,6 +514,7 @@ def prepare(args, work: Path, env: dict, log) -> dict:
     if info["prompt_tokens"][0] != info["prompt_tokens"][1]:
         log(f"note: prompts render to {info['prompt_tokens'][0]}-{info['prompt_tokens'][1]} tokens (not all equal)")
     return {**info, "prompts_file": str(prompts_file), "reward_adapter": str(reward_adapter),
+            "reward_adapter_4bit": str(reward_4bit),
             "reward_merged": str(reward_merged)}
 
 
@@ -668,7 +682,8 @@ def main() -> int:
     data = prepare(args, work, env, log)
     cuda = args.device.startswith("cuda")
     spec = {"model": args.model, "model_dir": data["model_dir"], "prompts_file": data["prompts_file"],
-            "reward_adapter": data["reward_adapter"], "reward_merged": data["reward_merged"], "batch": args.batch,
+            "reward_adapter": data["reward_adapter"], "reward_adapter_4bit": data["reward_adapter_4bit"],
+            "reward_merged": data["reward_merged"], "batch": args.batch,
             "max_new_tokens": args.max_new_tokens, "steps": args.steps, "lora_rank": args.lora_rank,
             "lora_alpha": args.lora_alpha, "lr": args.lr, "full_lr": args.full_lr, "kl_coef": args.kl_coef,
             "seed": 0, "device": args.device, "dtype": "bfloat16" if cuda else "float32", "threads": args.threads,

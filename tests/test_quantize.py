@@ -211,3 +211,26 @@ def test_non_finite_steps_on_a_4bit_base_are_skipped_and_counted(fault_inputs, t
     assert summary["steps"] == 5 and summary["skipped_steps"] == 2
     weights = load_file(str(tmp_path / "rm" / "adapter_model.safetensors"))
     assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+def test_sft_and_eval_run_on_the_4bit_base_the_policy_was_trained_on(setup, tmp_path, capsys):
+    """SFT trains its adapter over a 4-bit base and records it; `perlhf eval` of a policy trained on 4-bit loads
+    the base 4-bit without being told, and the run's reward model (trained on it) judges as a role of it."""
+    from perlhf.evaluate import EvalConfig, evaluate_policy
+    from perlhf.rl.trainer import train_policy
+    from perlhf.sft import SFTConfig, train_sft
+
+    sft = tmp_path / "sft"
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps({"prompt": p, "completion": "Sure! Lovely."}) + "\n"
+                                                for p in PROMPTS * 5))
+    train_sft(SFTConfig(model=setup["model"], data=str(tmp_path / "sft.jsonl"), output_dir=str(sft), max_steps=2,
+                        eval_steps=0, save_steps=2, device="cpu", quantize="4bit"))
+    assert json.loads((sft / "adapter_config.json").read_text())["perlhf_quantization"] == "4bit"
+
+    train_policy(tiny_rl_config(setup, tmp_path / "rl", quantize="4bit", max_steps=1))
+    capsys.readouterr()
+    results = evaluate_policy(EvalConfig(policy=str(tmp_path / "rl"), prompts=setup["prompts"], num_prompts=4,
+                                         max_new_tokens=4, device="cpu"))  # the run's reward model judges
+    out = capsys.readouterr().out
+    assert "4-bit NF4" in out and "trained on" not in out  # no mismatch warning printed or raised
+    assert results

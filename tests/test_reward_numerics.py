@@ -30,6 +30,12 @@ def test_pointwise_loss_by_hand():
     assert pointwise_loss(scores, labels).item() == pytest.approx(expected, abs=1e-6)
 
 
+def test_pointwise_loss_weighs_thumbs_up_by_hand():
+    # thumbs up at score 0: -log sigmoid(0) = ln 2, weighted 0.5; thumbs down at score 2: log(1 + e^2), weight 1
+    loss = pointwise_loss(torch.tensor([0.0, 2.0]), torch.tensor([1.0, 0.0]), positive_weight=0.5)
+    assert loss.item() == pytest.approx((0.5 * math.log(2) + math.log(1 + math.e ** 2)) / 2, abs=1e-6)
+
+
 def test_pairwise_accuracy_counts_ties_half():
     assert pairwise_accuracy(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.0, 2.0, 4.0])) == pytest.approx(0.5)
 

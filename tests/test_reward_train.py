@@ -135,3 +135,14 @@ def test_accelerate_launch_two_cpu_processes(tiny_dirs, tmp_path):
     # both processes evaluated their shard and the gathered metrics cover every validation pair once
     assert results["steps"] == 10 and results["validation_examples"] == results["final"]["eval/examples"] == len(val)
     assert (out / "adapter_model.safetensors").exists()
+
+
+def test_the_head_trains_at_its_own_learning_rate(tiny_dirs, tmp_path):
+    """--head-learning-rate: the head is its own AdamW group, at its own rate, kept through a resume."""
+    out = tmp_path / "rm"
+    options = dict(learning_rate=1e-4, head_learning_rate=3e-2, lr_scheduler_type="constant", warmup_ratio=0.0)
+    train_reward_model(config(tiny_dirs["llama"], write_pairs(tmp_path / "p.jsonl"), out, **options))
+    state = torch.load(next((out / "checkpoints").glob("*")) / "training_state.pt", weights_only=True)
+    groups = state["optimizer"]["param_groups"]
+    assert [g["lr"] for g in groups] == [1e-4, 3e-2]
+    assert len(groups[1]["params"]) == 1  # the head's weight alone
