@@ -161,8 +161,8 @@ def table(runs: Path, recipes: list[str]) -> tuple[str, dict]:
         if not values:
             return "-"
         mean, half = mean_interval(values)
-        scale = 100 if percent else 1
-        return f"{scale * mean:.1f}" + ("" if math.isnan(half) else f" ± {scale * half:.1f}")
+        scale, digits = (100, 1) if percent else (1, 3)
+        return f"{scale * mean:.{digits}f}" + ("" if math.isnan(half) else f" ± {scale * half:.{digits}f}")
 
     rows = ["| recipe | settings | seeds | validation accuracy (%) | shorter baseline (%) | PandaLM accuracy (%) "
             "| ROC-AUC | majority baseline (%) | steps x batch | tokens/s | peak MB |",
