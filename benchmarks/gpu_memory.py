@@ -98,8 +98,7 @@ def main() -> int:
     rows = []
     for model in args.models:
         for quantize in args.quantize:
-            passed = [a for a in sys.argv[1:]]
-            done = subprocess.run([sys.executable, __file__, *passed, "--root", args.root, "--child", model, quantize],
+            done = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--root", args.root, "--child", model, quantize],
                                   capture_output=True, text=True, env=dict(os.environ))
             line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
             if line is None:

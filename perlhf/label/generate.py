@@ -16,7 +16,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from perlhf.config import ConfigError, check, field
+from perlhf.config import ConfigError, check, check_quantize, field
 from perlhf.label.store import LabelStore, Response
 
 BASE = "base"
@@ -60,7 +60,7 @@ class GenerateConfig:
         check(self.labels_per_pair >= 1, "labels_per_pair", "must be at least 1")
         check(self.max_prompt_tokens >= 1, "max_prompt_tokens", "must be at least 1")
         check(self.limit is None or self.limit >= 1, "limit", "must be at least 1")
-        check(self.quantize in (None, "4bit", "8bit"), "quantize", f"must be 4bit or 8bit (got {self.quantize!r})")
+        check_quantize(self.quantize)
         for path in self.sources():
             if path != BASE:
                 check(Path(path, "adapter_config.json").is_file(), "adapters" if self.adapters else "adapter",

@@ -74,14 +74,7 @@ async function signOut() {
   const response = await fetch("/api/logout", {method: "POST", credentials: "same-origin", body: "{}",
                                                headers: {"Content-Type": "application/json", "X-CSRF-Token": me.csrf}});
   if (!response.ok) throw new Error((await response.json()).error || response.statusText);
-  const notice = document.createElement("main");
-  notice.className = "notice";
-  const title = document.createElement("h1");
-  title.textContent = "Signed out";
-  const text = document.createElement("p");
-  text.textContent = "To come back, open a new sign-in link.";
-  notice.append(title, text);
-  document.body.replaceChildren(notice);
+  showSignedOut("To come back, open a new sign-in link.");
 }
 
 document.addEventListener("DOMContentLoaded", () => {

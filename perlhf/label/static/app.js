@@ -89,18 +89,8 @@ function choose(choice) {
 }
 
 function signOut() {  // not through run(): signing out must work even while a request is under way
-  api("/api/logout", {}).then(signedOut, (error) => say(error.message, true));
-}
-
-function signedOut() {  // the session is over on the server; say so instead of showing stale work
-  const notice = document.createElement("main");
-  notice.className = "notice";
-  const title = document.createElement("h1");
-  title.textContent = "Signed out";
-  const text = document.createElement("p");
-  text.textContent = "To label again, open a new sign-in link.";
-  notice.append(title, text);
-  document.body.replaceChildren(notice);
+  api("/api/logout", {}).then(() => showSignedOut("To label again, open a new sign-in link."),
+                             (error) => say(error.message, true));
 }
 
 function undo() {
