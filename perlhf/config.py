@@ -143,6 +143,17 @@ def check_quantize(value: str | None, full: bool = False) -> None:
           "every weight, which a quantized base cannot hold: drop one of them")
 
 
+FSDP_HELP = ("shard the frozen backbone over the processes with FSDP2 (under torchrun or accelerate launch); "
+             "adapters, heads and optimizer state stay whole on every process")
+
+
+def check_fsdp(fsdp: bool, full: bool, quantize: str | None) -> None:
+    check(not (fsdp and full), "fsdp", "shards the frozen base of a LoRA run; --full trains every weight, which "
+          "perlhf does not shard: drop --fsdp (data parallelism without it keeps a whole copy per process)")
+    check(not (fsdp and quantize), "fsdp", "shards an unquantized base; a --quantize base is already 4-8x smaller "
+          "and is not sharded by perlhf: drop one of them")
+
+
 def check_scheduler(value: str) -> None:
     from transformers.trainer_utils import SchedulerType
 

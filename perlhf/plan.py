@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from perlhf import config as cfg
+from perlhf import parallel
 from perlhf.config import check, field
 from perlhf.models import DEFAULT_MODEL
 
@@ -48,7 +49,8 @@ class PlanConfig:
     lora_rank: int | None = field(None, "default: the trainer's")
     lora_target: str | None = field(None, "default: the trainer's")
     gradient_checkpointing: bool | None = field(None, "default: the trainer's")
-    processes: int = field(1, "data-parallel processes (each holds the whole plan)")
+    processes: int = field(1, "data-parallel processes (each holds the whole plan unless --fsdp)")
+    fsdp: bool = field(False, "plan the frozen base sharded over --processes (FSDP2, as `--fsdp` trains)")
     dtype: str | None = field(None, "compute dtype: float32, bfloat16 or float16; default: bf16 for --device "
                                     "cuda, fp32 for cpu")
     device: str = field("cuda", "the device planned for: cuda or cpu")
@@ -64,6 +66,7 @@ class PlanConfig:
         cfg.check_dtype(self.dtype)
         check(self.device in ("cuda", "cpu"), "device", "must be cuda or cpu")
         check(self.processes >= 1, "processes", "must be >= 1")
+        cfg.check_fsdp(self.fsdp, False, self.quantize)
         check(self.memory is None or parse_memory(self.memory) > 0, "memory", "must look like 24GB or 16GiB")
 
     def resolved(self) -> dict:
@@ -143,8 +146,14 @@ def count_shapes(model: nn.Module, lora_rank: int, lora_target: str) -> Shapes:
                   quantizable=quantizable, linear_rows=rows, other=total - quantizable, lora=lora)
 
 
-def weight_bytes(shapes: Shapes, quantize: str | None, element: int) -> float:
-    """The frozen backbone's weights: quantized linear layers plus everything else in the compute dtype."""
+def weight_bytes(shapes: Shapes, quantize: str | None, element: int, shards: int = 1, tied: bool = False) -> float:
+    """The frozen backbone's weights: quantized linear layers plus everything else in the compute dtype.
+
+    Sharded over `shards` processes (FSDP2, unquantized), each holds 1/shards of them, a tied embedding whole
+    (`parallel.shard` leaves it out), plus two decoder layers gathered whole: the one running and the next."""
+    if shards > 1:
+        layer = shapes.quantizable / shapes.layers
+        return (shapes.quantizable / shards + 2 * layer + shapes.other / (1 if tied else shards)) * element
     if quantize == "4bit":
         linear = shapes.quantizable * (0.5 + 1 / 64 + 4 / (64 * 256))  # NF4 + 8-bit block scales + their fp32 scales
     elif quantize == "8bit":
@@ -268,6 +277,8 @@ def plan(config: PlanConfig) -> dict:
     shapes = count_shapes(model, run["lora_rank"], run["lora_target"])
     probe = probe_layer(layer_cls, model_config, run["lora_rank"], run["lora_target"], element)
     head = shapes.hidden * ADAM_BYTES
+    tied = bool(getattr(model_config.get_text_config(), "tie_word_embeddings", False))
+    weights = weight_bytes(shapes, config.quantize, element, config.processes if config.fsdp else 1, tied)
     total_params = shapes.quantizable + shapes.other
     ckpt = bool(run["gradient_checkpointing"])
 
@@ -277,7 +288,7 @@ def plan(config: PlanConfig) -> dict:
         act = activations(shapes, probe, sequences, length, ckpt, element)
         act_other = activations(shapes, probe, sequences, length, not ckpt, element)
         logits = logits_bytes(sequences * length, shapes.vocab, element) if config.task == "sft" else 0.0
-        perlhf = {"weights": weight_bytes(shapes, config.quantize, element),
+        perlhf = {"weights": weights,
                   "adapter + gradients + AdamW": shapes.lora * ADAM_BYTES + (head if config.task == "rm" else 0),
                   "activations": act, "logits": logits}
         classic = {"weights + gradients + AdamW (full tuning)": total_params * ADAM_BYTES,
@@ -292,7 +303,7 @@ def plan(config: PlanConfig) -> dict:
         generation = kv_cache + sequences * shapes.vocab * 4 * 2
         update = activations(shapes, probe, sequences, length, ckpt, element) + \
             logits_bytes(sequences * config.max_new_tokens, shapes.vocab, element)
-        perlhf = {"weights": weight_bytes(shapes, config.quantize, element),
+        perlhf = {"weights": weights,
                   "adapters + gradients + AdamW": shapes.lora * ADAM_BYTES * (2 if value else 1) + (head if value else 0),
                   "reward adapter (frozen)": shapes.lora * 4 + shapes.hidden * 4,
                   "rollout (max of generation's KV cache and the update's activations)": max(generation, update)}
@@ -302,9 +313,11 @@ def plan(config: PlanConfig) -> dict:
                    "rollout (max of generation's KV cache and the update's activations)": max(generation, update)}
         extra = {"generation KV cache": kv_cache, "update activations and logits": update}
         other = None
+    if config.fsdp:  # the classic layout sharded too (ZeRO-3 / FSDP, as its tools run it): all but the activations
+        classic = {part: size / config.processes if "weights" in part else size for part, size in classic.items()}
     limit = parse_memory(config.memory) if config.memory else None
     result = {"model": config.model, "task": config.task, "quantize": config.quantize, "dtype": str(dtype)[6:],
-              "device": config.device, "processes": config.processes, "run": run,
+              "device": config.device, "processes": config.processes, "fsdp": config.fsdp, "run": run,
               "perlhf": {**perlhf, "total": sum(perlhf.values())},
               "classic": {**classic, "total": sum(classic.values())}, "details": extra, "memory": limit,
               "parameters": total_params, "adapter_parameters": shapes.lora,
@@ -321,7 +334,8 @@ def describe(result: dict) -> str:
     lines = [f"perlhf plan: {result['task']} on {result['model']} ({result['parameters'] / 1e9:.2f}B parameters, "
              f"{result['dtype']} on {result['device']}{', ' + result['quantize'] if result['quantize'] else ''}); "
              f"{shape}, LoRA r={run['lora_rank']} on {run['lora_target']} ({result['adapter_parameters']:,} "
-             f"parameters), gradient checkpointing {'on' if run['gradient_checkpointing'] else 'off'}; per process"]
+             f"parameters), gradient checkpointing {'on' if run['gradient_checkpointing'] else 'off'}; per process"
+             + (f", the base sharded over {result['processes']} (FSDP2)" if result["fsdp"] else "")]
     for layout, title in (("perlhf", "perlhf (one frozen backbone, adapters for every role)"),
                           ("classic", "classic (separate models, full tuning)")):
         lines.append(f"  {title}:")
@@ -362,6 +376,7 @@ def for_run(config, task: str, device: torch.device, checkpointing: bool, batch_
     """The plan of a trainer's config (RewardConfig, SFTConfig, RLConfig) on `device`."""
     dtype = config.dtype or ("float32" if device.type == "cpu" else None)
     return plan(PlanConfig(model=config.model, task=task, quantize=config.quantize, batch_size=batch_size,
+                           processes=parallel.world_size(), fsdp=config.fsdp and parallel.world_size() > 1,
                            lora_rank=config.lora_rank, lora_target=config.lora_target,
                            gradient_checkpointing=checkpointing, dtype=dtype,
                            device="cuda" if device.type == "cuda" else "cpu",
@@ -386,7 +401,9 @@ def choose_checkpointing(config, task: str, device: torch.device, verbose: bool)
     without, with_checkpointing = planned["perlhf"], planned["other_checkpointing"]
     if chosen is None:
         room = available_memory(device) * (0.8 if device.type == "cuda" else 0.5)
-        chosen = without["total"] > room
+        # decided together: processes that measured their free memory differently must still run one way (sharded,
+        # each layer's recompute is a collective)
+        chosen = parallel.any_process(without["total"] > room)
         if verbose and chosen:
             print(f"perlhf: gradient checkpointing on: without it the run would need "
                   f"{without['total'] / GIB:.1f} GiB, more than the {room / GIB:.1f} GiB it may plan for "

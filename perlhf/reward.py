@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from perlhf import config as cfg
+from perlhf import parallel
 from perlhf.config import check, field
 from perlhf.training import SupervisedConfig
 
@@ -335,9 +336,10 @@ def evaluate(model: nn.Module, examples: list[Encoded], pad_id: int, batch_size:
     mine = sorted(range(rank, len(examples), world), key=lambda i: -max(len(examples[i].chosen),
                                                                         len(examples[i].rejected or [])))
     rows = []
-    for start in range(0, len(mine), batch_size):
-        index = mine[start:start + batch_size]
+    for index, keep in parallel.lockstep_batches(mine, batch_size, len(examples), parallel.is_sharded(model)):
         out = forward_batch(model, [examples[i] for i in index], pad_id, device)
+        if not keep:
+            continue
         if "chosen" in out:
             rows += list(zip(index, out["chosen"].tolist(), out["rejected"].tolist()))
         else:

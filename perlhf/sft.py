@@ -142,11 +142,12 @@ def evaluate(model: nn.Module, examples: list, pad_id: int, batch_size: int, acc
     """Mean next-token loss of the validation targets (every process's share summed) and its perplexity."""
     was_training = model.training
     model.eval()
-    mine = examples[accelerator.process_index::accelerator.num_processes]
     total = torch.zeros(2, dtype=torch.float64)
-    for start in range(0, len(mine), batch_size):
-        loss, count = target_loss(model, *collate(mine[start:start + batch_size], pad_id, accelerator.device))
-        total += torch.tensor([loss.item(), count.item()], dtype=torch.float64)
+    share = list(range(accelerator.process_index, len(examples), accelerator.num_processes))
+    for index, keep in parallel.lockstep_batches(share, batch_size, len(examples), parallel.is_sharded(model)):
+        loss, count = target_loss(model, *collate([examples[i] for i in index], pad_id, accelerator.device))
+        if keep:
+            total += torch.tensor([loss.item(), count.item()], dtype=torch.float64)
     model.train(was_training)
     loss_sum, count = parallel.all_sum(total).tolist()
     if count == 0:

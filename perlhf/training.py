@@ -63,6 +63,7 @@ class SupervisedConfig:
     device: str | None = option(None, "cpu, cuda, cuda:1 ...; default: cuda if available")
     dtype: str | None = option(None, "float32, bfloat16, float16; default: bf16 on CUDA, fp32 on CPU")
     quantize: str | None = option(None, cfg.QUANTIZE_HELP)
+    fsdp: bool = option(False, cfg.FSDP_HELP)
     gradient_checkpointing: bool | None = option(None, "recompute activations in backward to save memory; default: "
                                                        "on when the run would not fit otherwise (perlhf plan)")
     trust_remote_code: bool = option(False, "allow model code from the model repository")
@@ -95,6 +96,7 @@ class SupervisedConfig:
         check(self.limit is None or self.limit >= 1, "limit", f"must be >= 1 (got {self.limit})")
         cfg.check_dtype(self.dtype)
         cfg.check_quantize(self.quantize, self.full)
+        cfg.check_fsdp(self.fsdp, self.full, self.quantize)
         cfg.check_scheduler(self.lr_scheduler_type)
 
     @property
@@ -199,6 +201,14 @@ def train_supervised(config, task: Task, accelerator, run_dir: Path, resuming: b
 
     main, world = accelerator.is_main_process, accelerator.num_processes
     model = task.model
+    checkpoints = CheckpointManager(run_dir, keep_last=config.save_total_limit)
+    start_step, best = 0, {}
+    latest = checkpoints.latest() if resuming or not main else None
+    if latest is not None:  # the weights first: sharding below splits the base they are loaded over
+        check_global_batch(latest.meta, run_dir, world, config.per_device_train_batch_size,
+                           "--per-device-train-batch-size")
+        model.load_weights(latest.path / "model")
+    sharded = parallel.sharding(config, accelerator)
     params = [p for p in model.parameters() if p.requires_grad]
     own = {id(p): rate for module, rate in task.own_rates.items() for p in module.parameters() if p.requires_grad}
     groups = [{"params": [p for p in params if id(p) not in own], "lr": task.lr}]
@@ -208,14 +218,8 @@ def train_supervised(config, task: Task, accelerator, run_dir: Path, resuming: b
     scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=int(config.warmup_ratio *
                               config.max_steps), num_training_steps=config.max_steps)
 
-    checkpoints = CheckpointManager(run_dir, keep_last=config.save_total_limit)
-    start_step, best = 0, {}
-    latest = checkpoints.latest() if resuming or not main else None
     global_batch = config.per_device_train_batch_size * world
     if latest is not None:
-        check_global_batch(latest.meta, run_dir, world, config.per_device_train_batch_size,
-                           "--per-device-train-batch-size")
-        model.load_weights(latest.path / "model")
         state = load_training_state(latest.path / "training_state.pt", optimizer=optimizer, scheduler=scheduler)
         restore_rng_state(state["rng"])
         start_step, best = latest.step, latest.meta.get("best", best)
@@ -223,7 +227,11 @@ def train_supervised(config, task: Task, accelerator, run_dir: Path, resuming: b
         if main:
             print(f"perlhf: resuming {run_dir} from step {start_step} ({latest.path.name}); "
                   "pass --overwrite-output-dir to start over")
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if sharded:  # FSDP2 units over the frozen base; the trained parameters' gradients are averaged below
+        parallel.shard(model)
+        parallel.broadcast_parameters(params)  # what DDP's wrapper does at the start
+    else:
+        model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
 
     batches_per_epoch = len(task.examples) // global_batch
@@ -277,6 +285,8 @@ def train_supervised(config, task: Task, accelerator, run_dir: Path, resuming: b
                 tokens.append(batch_tokens)
             # the global batch's loss, so every process skips a non-finite step (or stops) together
             loss = parallel.all_sum(torch.stack(losses).mean()) / world
+            if sharded:
+                parallel.average_gradients(params)
             grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
             if guard.step_ok(loss, params, step + 1):
                 optimizer.step()

@@ -51,6 +51,17 @@ def assert_two_identical_processes(result: subprocess.CompletedProcess) -> None:
     assert prints[0] == prints[1]  # bitwise-identical weights on both
 
 
+def assert_sharded_over_two(result: subprocess.CompletedProcess, most: float) -> None:
+    """Each of the two processes reports holding at most `most` of the frozen base's bytes (1/2 of the sharded
+    part, whole copies of what is left out)."""
+    held = {int(rank): float(percent) for rank, percent in
+            re.findall(r"process (\d) of 2: holds [\d.]+ MiB of the frozen base's [\d.]+ MiB \(([\d.]+)%\)",
+                       result.stdout)}
+    assert sorted(held) == [0, 1], result.stdout[-2000:]
+    for percent in held.values():
+        assert 0 < percent <= 100 * most, held
+
+
 def assert_close_adapters(got: Path, want: Path) -> None:
     a, b = load_file(str(want)), load_file(str(got))
     assert set(a) == set(b)
@@ -95,17 +106,64 @@ def test_rm_train_two_processes_equal_one(inputs, reward_model, tmp_path):
         assert two[-1][key] == pytest.approx(one[-1][key], abs=1e-4)
 
 
-def test_sft_train_two_processes_equal_one(inputs, tmp_path):
+@pytest.fixture(scope="module")
+def untied(tmp_path_factory, tiny_tokenizer):
+    """Qwen2 unties its LM head: FSDP2 shards the embedding, the final norm and the LM head too."""
+    return tiny_rl_setup(tmp_path_factory.mktemp("untied"), "qwen2", tiny_tokenizer, PROMPTS, pairs=48, rm_steps=4)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_rm_train_sharded_with_fsdp_equals_one_process(family, inputs, untied, tmp_path):
+    """7 validation pairs in batches of 1: the processes hold 4 and 3, and the one with 3 runs a 4th forward to
+    discard (each forward is a collective once sharded); the validation figures equal the 1-process run's."""
+    setup = inputs if family == "llama" else untied
+    validation = tmp_path / "validation.jsonl"
+    validation.write_text("".join(Path(setup["pairs"]).read_text().splitlines(keepends=True)[:7]))
+    evaluation = ["--validation-data", str(validation), "--per-device-eval-batch-size", "1", "--eval-steps", "2"]
+    assert cli_main(rm_argv(setup, tmp_path / "one", 4) + evaluation) == 0
+    result = torchrun(rm_argv(setup, tmp_path / "fsdp", 2) + evaluation + ["--fsdp"])
+    assert_two_identical_processes(result)
+    # llama ties its LM head to the embedding, which then stays whole; qwen2's base is sharded in full
+    assert_sharded_over_two(result, 0.75 if family == "llama" else 0.51)
+    assert_close_adapters(tmp_path / "fsdp" / "adapter_model.safetensors",
+                          tmp_path / "one" / "adapter_model.safetensors")
+    one, two = ([m for m in read_metrics(run) if "eval/margin" in m] for run in (tmp_path / "one", tmp_path / "fsdp"))
+    assert [m["eval/examples"] for m in two] == [m["eval/examples"] for m in one] == [7, 7]
+    assert [m["eval/margin"] for m in two] == pytest.approx([m["eval/margin"] for m in one], abs=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_rl_train_sharded_with_fsdp_equals_one_process(family, inputs, untied, reward_model, tmp_path):
+    """PPO (policy, reference, reward and value on one sharded backbone), with gradient checkpointing: the
+    recomputed layers gather their weights again in backward."""
+    setup, rm = (inputs, reward_model) if family == "llama" else (untied, untied["rm"])
+    extra = ("--gradient-checkpointing",)
+    assert cli_main(rl_argv(setup, rm, tmp_path / "one", "ppo", 4, 2, *extra)) == 0
+    result = torchrun(rl_argv(setup, rm, tmp_path / "fsdp", "ppo", 2, 2, *extra, "--fsdp"))
+    assert_two_identical_processes(result)
+    assert_sharded_over_two(result, 0.75 if family == "llama" else 0.51)
+    for role in ("policy", "value"):
+        assert_close_adapters(tmp_path / "fsdp" / role / "adapter_model.safetensors",
+                              tmp_path / "one" / role / "adapter_model.safetensors")
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "fsdp")
+    for key in ("reward/score", "reward/kl", "policy/response_length"):
+        assert two[-1][key] == pytest.approx(one[-1][key], abs=1e-4), key
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_sft_train_two_processes_equal_one(fsdp, inputs, tmp_path):
     """SFT's loss is a mean over the global micro-batch's target tokens, so 2 x 2 examples equal 1 x 4 although
-    the processes hold different numbers of targets."""
+    the processes hold different numbers of targets; the same with the base sharded."""
     def argv(out: Path, per_device: int) -> list[str]:
         return ["sft", "train", "--model", inputs["model"], "--data", inputs["pairs"], "--output-dir", str(out),
                 "--max-steps", "4", "--per-device-train-batch-size", str(per_device), "--learning-rate", "2e-2",
                 "--lora-target", "all-linear", "--eval-steps", "2", "--save-steps", "2", "--device", "cpu"]
 
     assert cli_main(argv(tmp_path / "one", 4)) == 0
-    result = torchrun(argv(tmp_path / "two", 2))
+    result = torchrun(argv(tmp_path / "two", 2) + (["--fsdp"] if fsdp else []))
     assert_two_identical_processes(result)
+    if fsdp:
+        assert_sharded_over_two(result, 0.75)
     assert_close_adapters(tmp_path / "two" / "adapter_model.safetensors", tmp_path / "one" / "adapter_model.safetensors")
     one, two = ([m for m in read_metrics(run) if "eval/loss" in m] for run in (tmp_path / "one", tmp_path / "two"))
     assert [m["eval/loss"] for m in two] == pytest.approx([m["eval/loss"] for m in one], abs=1e-5)
@@ -131,13 +189,14 @@ def _latest_step(run_dir: Path) -> int:
     return latest.step if latest else 0
 
 
-def test_sigkill_of_a_two_process_run_resumes_with_two_or_one_process(inputs, reward_model, tmp_path, capsys):
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_sigkill_of_a_two_process_run_resumes_with_two_or_one_process(fsdp, inputs, reward_model, tmp_path, capsys):
     steps = 24  # long enough that the kill lands mid-run on a fast machine too
     reference = tmp_path / "reference"
     assert cli_main(rl_argv(inputs, reward_model, reference, "reinforce", 4, steps)) == 0
 
     run = tmp_path / "killed"
-    argv = rl_argv(inputs, reward_model, run, "reinforce", 2, steps)
+    argv = rl_argv(inputs, reward_model, run, "reinforce", 2, steps, *(["--fsdp"] if fsdp else []))
     launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                                  "2", "-m", "perlhf.cli", *argv], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, env=resume_run_env(REPO), cwd=str(REPO))
@@ -157,6 +216,8 @@ def test_sigkill_of_a_two_process_run_resumes_with_two_or_one_process(inputs, re
 
     resumed = torchrun(argv)  # the same command resumes
     assert_two_identical_processes(resumed)
+    if fsdp:
+        assert_sharded_over_two(resumed, 0.75)
     assert f"resuming {run} from iteration {killed_at}" in resumed.stdout, resumed.stdout[-3000:]
     assert [m["step"] for m in read_metrics(run)] == list(range(1, steps + 1))
     assert_close_adapters(run / "policy" / "adapter_model.safetensors",

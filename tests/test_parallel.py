@@ -29,6 +29,11 @@ def _worker(rank: int, init_file: str, results):
         parallel.average_gradients(params)
         out["grads"] = [p.grad.clone() for p in params]
         out["fingerprint"] = parallel.check_identical(params, "test weights")
+        # 7 examples over 2 processes in batches of 1: shares of 4 and 3; sharded, the 3 get a 4th to discard
+        share = list(range(rank, 7, 2))
+        out["lockstep"] = parallel.lockstep_batches(share, 1, 7, lockstep=True)
+        out["plain"] = parallel.lockstep_batches(share, 1, 7, lockstep=False)
+        out["lockstep_by_3"] = parallel.lockstep_batches(share, 3, 7, lockstep=True)
         results[rank] = out
     finally:
         dist.destroy_process_group()
@@ -49,3 +54,20 @@ def test_two_processes_agree(tmp_path):
     assert torch.equal(a["grads"][0], torch.full((3,), 1.5)) and torch.equal(b["grads"][0], torch.full((3,), 1.5))
     assert torch.equal(a["grads"][1], torch.full((2, 2), 0.5)) and torch.equal(b["grads"][1], torch.full((2, 2), 0.5))
     assert a["fingerprint"] == b["fingerprint"]
+    assert a["lockstep"] == a["plain"] == [([0], True), ([2], True), ([4], True), ([6], True)]
+    assert b["plain"] == [([1], True), ([3], True), ([5], True)]
+    assert b["lockstep"] == b["plain"] + [([0], False)]  # as many forwards as process 0, the extra one discarded
+    assert a["lockstep_by_3"] == [([0, 2, 4], True), ([6], True)] and b["lockstep_by_3"] == [([1, 3, 5], True), ([0], False)]
+
+
+def test_fsdp_with_full_tuning_or_a_quantized_base_is_refused_with_the_way_out():
+    import pytest
+
+    from perlhf.config import ConfigError
+    from perlhf.reward import RewardConfig
+    from perlhf.rl.trainer import RLConfig
+
+    with pytest.raises(ConfigError, match="--fsdp.*--full.*drop --fsdp"):
+        RewardConfig(data="pairs.jsonl", full=True, fsdp=True)
+    with pytest.raises(ConfigError, match="--fsdp.*--quantize"):
+        RLConfig(reward_model="rm", prompts="p.txt", fsdp=True, quantize="4bit")

@@ -121,3 +121,25 @@ def test_rm_train_turns_checkpointing_on_only_when_the_run_would_not_fit(models,
     assert "gradient_checkpointing: true" in (tmp_path / "tight" / "training_config.yaml").read_text()
     out = run("asked", gradient_checkpointing=False)  # an explicit choice is kept
     assert "gradient_checkpointing: false" in (tmp_path / "asked" / "training_config.yaml").read_text()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_an_fsdp_plan_holds_a_share_of_the_base_per_process(models, arch):
+    """Each of 4 processes: a quarter of the decoder layers' weights, two layers gathered whole (the one running
+    and the next), and the rest (embedding, norms, LM head) a quarter too, or whole where the LM head is tied to
+    the embedding (llama here; `parallel.shard` leaves a tied pair out). Counted by hand from the real model."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(models[arch])
+    layers = decoder_layers(model)
+    in_layers = sum(p.numel() for p in layers.parameters())
+    linear = sum(m.weight.numel() for m in layers.modules() if isinstance(m, torch.nn.Linear))
+    rest = sum(p.numel() for p in model.parameters()) - in_layers  # tied weights counted once by parameters()
+    other = rest + in_layers - linear  # the layers' norms count with the rest
+    tied = model.config.tie_word_embeddings
+    expected = (linear / 4 + 2 * linear / len(layers) + (other if tied else other / 4)) * 4  # fp32
+    sharded = plan(PlanConfig(model=models[arch], task="rl", device="cpu", processes=4, fsdp=True))
+    whole = plan(PlanConfig(model=models[arch], task="rl", device="cpu", processes=4))
+    assert sharded["perlhf"]["weights"] == pytest.approx(expected)
+    assert whole["perlhf"]["weights"] == pytest.approx((linear + other) * 4)
+    assert sharded["classic"]["total"] < whole["classic"]["total"]  # the classic layout sharded as ZeRO-3 runs it

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, TopPLogitsWarper
 
+from perlhf import parallel
 from perlhf.backbone import causal_lm, keeps_logits, transformer_body
 from perlhf.rl.objectives import token_logprobs
 
@@ -160,8 +161,10 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int,
     was_training = model.training
     model.eval()
     with _only_perlhf_generation_settings(model):
+        # sharded, every decoding step is a collective: a process whose prompts all ended keeps stepping with the
+        # others (synced_gpus) instead of leaving them waiting
         out = model.generate(input_ids=ids, attention_mask=mask, generation_config=generation,
-                             logits_processor=processors)
+                             logits_processor=processors, synced_gpus=parallel.is_sharded(model))
     model.train(was_training)
     response = out[:, ids.size(1):]
     if response.size(1) == 0:  # every prompt ended at once is impossible, but keep shapes valid

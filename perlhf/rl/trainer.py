@@ -78,6 +78,7 @@ class RLConfig:
     device: str | None = field(None, "cpu, cuda, ...; default: cuda if available")
     dtype: str | None = field(None, "default: bf16 on CUDA, fp32 on CPU")
     quantize: str | None = field(None, cfg.QUANTIZE_HELP)
+    fsdp: bool = field(False, cfg.FSDP_HELP)
     trust_remote_code: bool = field(False, "allow model code from the model repository")
     allow_pickle: bool = field(False, "allow pickle-based weight files")
 
@@ -125,6 +126,7 @@ class RLConfig:
         check(self.limit is None or self.limit >= 1, "limit", f"must be >= 1 (got {self.limit})")
         cfg.check_dtype(self.dtype)
         cfg.check_quantize(self.quantize)
+        cfg.check_fsdp(self.fsdp, False, self.quantize)
         cfg.check_scheduler(self.lr_scheduler_type)
 
     @property
@@ -410,6 +412,15 @@ def train_policy(config: RLConfig) -> dict:
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(loaded.model)
     single_pass = reuses_sampling_pass(config)
+    checkpoints = CheckpointManager(run_dir, keep_last=config.save_total_limit)
+    latest = checkpoints.latest() if (resuming or not main) else None
+    if latest is not None:  # the weights first: sharding below splits the base they are loaded over
+        check_global_batch(latest.meta, run_dir, world, config.batch_size, "--batch-size")
+        roles.backbone.load_adapter_weights("policy", latest.path / "policy")
+        if config.uses_value:
+            roles.backbone.load_adapter_weights("value", latest.path / "value")
+    if parallel.sharding(config, accelerator):
+        parallel.shard(roles.backbone)
     policy_params, value_params = roles.trainable()
     parallel.broadcast_parameters(policy_params + value_params)
     groups = [{"params": policy_params, "lr": config.learning_rate}]
@@ -429,14 +440,8 @@ def train_policy(config: RLConfig) -> dict:
               f"of {total:,} parameters; reference = {'frozen copy of ' + config.policy_adapter if roles.reference else 'backbone with adapters off'}; "
               f"reward = {'adapter on the same backbone' if roles.shared_reward else 'separate model'}")
 
-    checkpoints = CheckpointManager(run_dir, keep_last=config.save_total_limit)
     start = 0
-    latest = checkpoints.latest() if (resuming or not main) else None
     if latest is not None:
-        check_global_batch(latest.meta, run_dir, world, config.batch_size, "--batch-size")
-        roles.backbone.load_adapter_weights("policy", latest.path / "policy")
-        if config.uses_value:
-            roles.backbone.load_adapter_weights("value", latest.path / "value")
         state = load_training_state(latest.path / "training_state.pt", optimizer=optimizer, scheduler=scheduler)
         rng = state["rng"]
         if not isinstance(rng, list):
