@@ -4,8 +4,9 @@ process's RSS once torch, transformers and perlhf are imported) is set beside th
   python benchmarks/plan_check.py [--out benchmarks/results/plan_check]   # ~15 min on 2 shared CPU cores
 
 Data are synthetic pairs whose every example is cut to exactly --max-length tokens, so the run has the shape the
-plan assumes. On CPU the peak is the kernel's high-water mark of resident memory (ru_maxrss); it includes the
-allocator's cached blocks and the transient copies of loading, which the plan does not model.
+plan assumes. On CPU the peak is the kernel's high-water mark of resident memory (ru_maxrss). Each run returns
+freed memory to the system (`perlhf.models.return_freed_memory`, what the trainers do when memory is tight);
+`--glibc-default` measures with glibc's own policy instead, whose heap keeps freed activations.
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ def child(name: str, root: Path, args) -> dict:
     from perlhf.rl.trainer import RLConfig, train_policy
 
     torch.set_num_threads(1)
+    if not args.glibc_default:
+        from perlhf.models import return_freed_memory
+
+        return_freed_memory()
     baseline = _rss_mb()
     task, options = CONFIGS[name][0], dict(CONFIGS[name][1])
     if task == "rm":
@@ -86,6 +91,7 @@ def main() -> int:
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--prompt-length", type=int, default=192, help="rl prompt tokens (cut to this)")
     parser.add_argument("--only", nargs="*", default=list(CONFIGS))
+    parser.add_argument("--glibc-default", action="store_true", help="keep glibc's dynamic mmap threshold")
     parser.add_argument("--out", default="benchmarks/results/plan_check")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--root", default=None, help=argparse.SUPPRESS)
@@ -103,7 +109,9 @@ def main() -> int:
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         done = subprocess.run([sys.executable, __file__, "--child", name, "--root", str(root),
                                "--batch", str(args.batch), "--max-length", str(args.max_length),
-                               "--prompt-length", str(args.prompt_length)], capture_output=True, text=True, env=env)
+                               "--prompt-length", str(args.prompt_length)]
+                              + (["--glibc-default"] if args.glibc_default else []),
+                              capture_output=True, text=True, env=env)
         line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
         if line is None:
             print(f"{name}: failed\n{done.stderr[-3000:]}")
@@ -115,8 +123,9 @@ def main() -> int:
     table = ["| configuration | predicted (MiB) | measured peak RSS - baseline (MiB) | error |", "|---|---:|---:|---:|"]
     table += [f"| {r['name']} | {r['predicted_mb']:.0f} | {r['measured_mb']:.0f} | "
               f"{r['predicted_mb'] / r['measured_mb'] - 1:+.1%} |" for r in rows]
+    policy = "glibc's default allocator policy" if args.glibc_default else "freed memory returned to the system"
     text = (f"`{command}` (SmolLM2-135M-Instruct, CPU fp32, batch {args.batch}, rm max length {args.max_length}, "
-            f"rl prompts {args.prompt_length} + 48 new tokens)\n\n" + "\n".join(table) + "\n")
+            f"rl prompts {args.prompt_length} + 48 new tokens; {policy})\n\n" + "\n".join(table) + "\n")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(text)

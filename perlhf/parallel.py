@@ -119,49 +119,35 @@ def sharding(config, accelerator) -> bool:
     return wanted and accelerator.num_processes > 1
 
 
-def shard(model: nn.Module) -> int:
-    """Shard the frozen weights of the transformers model inside `model` over the processes (FSDP2); returns the
-    number of units. Trainable parameters stay whole on every process (see the module docstring)."""
+def shard(model: nn.Module) -> None:
+    """Shard the frozen base weights of the transformers model inside `model` over the processes (FSDP2).
+    Adapters and heads stay whole on every process (see the module docstring)."""
     from torch.distributed.fsdp import fully_shard
 
     from perlhf.backbone import causal_lm, transformer_body
     from perlhf.plan import decoder_layers
 
     lm = causal_lm(next(m for m in model.modules() if hasattr(m, "base_model_prefix")))
-    trained = {p for p in model.parameters() if p.requires_grad}
+    # every adapter stays whole, the frozen ones too (a reference copy, the reward adapter): they are fp32 beside a
+    # bf16 base, and FSDP2 gathers one dtype per unit
+    adapters = {p for name, p in model.named_parameters() if p.requires_grad or "lora_" in name}
     body, head = transformer_body(lm), lm.get_output_embeddings()
     tied = head is not None and head.weight is lm.get_input_embeddings().weight
     # A tied embedding and LM head stay whole: the LM head runs outside the body's unit (the reward and value
     # roles skip it), so the pair cannot be one unit. The body is the root unit, the one every role runs through.
     # Every unit reshards after each forward, the root too: left automatic, FSDP2 keeps the root whole until
     # backward, and 2-process reward-model training then fell out of step (mismatched all-gathers).
-    whole = trained | ({head.weight} if tied else set())
+    whole = adapters | ({head.weight} if tied else set())
     units = [*decoder_layers(lm), body] + ([head] if head is not None and not tied else [])
     for unit in units:
         fully_shard(unit, reshard_after_forward=True, ignored_params={p for p in unit.parameters() if p in whole})
-    if next(lm.parameters()).device.type == "cpu":
-        _return_freed_buffers()
-    frozen = [p for p in {id(p): p for p in lm.parameters()}.values() if p not in trained]
-    held = sum(_local(p).numel() * p.element_size() for p in frozen)
-    whole = sum(p.numel() * p.element_size() for p in frozen)
+    base = [p for p in {id(p): p for p in lm.parameters()}.values() if p not in adapters]
+    held = sum(_local(p).numel() * p.element_size() for p in base)
+    total = sum(p.numel() * p.element_size() for p in base)
     # one write of one line per process (see check_identical): the log shows what each process holds
     sys.stdout.write(f"perlhf: process {rank()} of {world_size()}: holds {held / 2**20:.2f} MiB of the frozen base's "
-                     f"{whole / 2**20:.2f} MiB ({100 * held / max(whole, 1):.1f}%) in {len(units)} FSDP2 units\n")
+                     f"{total / 2**20:.2f} MiB ({100 * held / max(total, 1):.1f}%) in {len(units)} FSDP2 units\n")
     sys.stdout.flush()
-    return len(units)
-
-
-def _return_freed_buffers() -> None:
-    """Sharded, every forward gathers and frees each layer's weights. glibc raises its mmap threshold after the
-    first large free, and later buffers come from its heap, which keeps freed memory: measured on SmolLM2-135M
-    with 2 processes, the resident size grew each step (2.3 GB after 4 steps). With the threshold fixed at its default (128 KiB),
-    gathered buffers are mapped and unmapped again, and it stayed flat near 1.0 GB."""
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 128 << 10)  # M_MMAP_THRESHOLD at its default: no longer raised
-    except (OSError, AttributeError):  # not glibc: its allocator has its own policy
-        pass
 
 
 def _local(p: torch.Tensor) -> torch.Tensor:

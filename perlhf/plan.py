@@ -385,10 +385,10 @@ def for_run(config, task: str, device: torch.device, checkpointing: bool, batch_
 
 def choose_checkpointing(config, task: str, device: torch.device, verbose: bool) -> bool:
     """--gradient-checkpointing when asked; by default on only when the run would need more than 80% of the GPU's
-    memory without it, or half the free RAM on CPU, where the process's resident peak has measured 1.2 to 5 times
-    what the plan counts (the allocator keeps freed memory, loading leaves a high-water mark:
-    benchmarks/results/plan_check.md).
-    Checkpointing recomputes the forward in backward, about a third more compute. Prints the expected peak."""
+    memory without it, or half the free RAM on CPU. There, such a run also returns freed memory to the system
+    (`models.return_freed_memory`): glibc's heap otherwise keeps 1.2 to 3.5 times what the plan counts
+    (benchmarks/results/plan_check.md). Checkpointing recomputes the forward in backward, about a third more
+    compute. Prints the expected peak."""
     shape = {"batch_size": config.per_device_train_batch_size, "max_length": config.max_length}
     chosen = config.gradient_checkpointing
     try:
@@ -399,11 +399,14 @@ def choose_checkpointing(config, task: str, device: torch.device, verbose: bool)
                   f"checkpointing {'on' if chosen else 'off'}")
         return bool(chosen)
     without, with_checkpointing = planned["perlhf"], planned["other_checkpointing"]
+    room = available_memory(device) * (0.8 if device.type == "cuda" else 0.5)
+    # decided together: processes that measured their free memory differently must still run one way (sharded,
+    # each layer's recompute is a collective)
+    tight = parallel.any_process(without["total"] > room)
+    if tight and device.type == "cpu":
+        _return_freed_memory(verbose)
     if chosen is None:
-        room = available_memory(device) * (0.8 if device.type == "cuda" else 0.5)
-        # decided together: processes that measured their free memory differently must still run one way (sharded,
-        # each layer's recompute is a collective)
-        chosen = parallel.any_process(without["total"] > room)
+        chosen = tight
         if verbose and chosen:
             print(f"perlhf: gradient checkpointing on: without it the run would need "
                   f"{without['total'] / GIB:.1f} GiB, more than the {room / GIB:.1f} GiB it may plan for "
@@ -413,16 +416,30 @@ def choose_checkpointing(config, task: str, device: torch.device, verbose: bool)
     return chosen
 
 
-def say_rl_plan(config, device: torch.device) -> None:
-    """The expected peak of an RL run, printed at its start."""
+def say_rl_plan(config, device: torch.device, verbose: bool) -> None:
+    """The expected peak of an RL run, printed at its start; on a CPU where it would take more than half the free
+    RAM, freed memory is returned to the system (as in choose_checkpointing)."""
     try:
         result = for_run(config, "rl", device, config.gradient_checkpointing, batch_size=config.batch_size,
                          max_prompt_length=config.max_prompt_length, max_new_tokens=config.max_new_tokens,
                          samples_per_prompt=config.samples_per_prompt, algorithm=config.algorithm)
     except Exception as err:  # advice only, as in choose_checkpointing
-        print(f"perlhf: no memory plan for {config.model} ({type(err).__name__}: {err})")
+        if verbose:
+            print(f"perlhf: no memory plan for {config.model} ({type(err).__name__}: {err})")
         return
-    print(expected_peak_line(result["perlhf"]))
+    if device.type == "cpu" and parallel.any_process(result["perlhf"]["total"] > 0.5 * available_memory(device)):
+        _return_freed_memory(verbose)
+    if verbose:
+        print(expected_peak_line(result["perlhf"]))
+
+
+def _return_freed_memory(verbose: bool) -> None:
+    from perlhf.models import return_freed_memory
+
+    return_freed_memory()
+    if verbose:
+        print("perlhf: memory is tight here: freed memory goes back to the system (glibc's mmap threshold fixed), "
+              "which costs time (see perlhf.models.return_freed_memory)")
 
 
 def _run(args) -> int:

@@ -369,6 +369,7 @@ def train_policy(config: RLConfig) -> dict:
     from perlhf.guards import NonFiniteGuard, StopRequest, prepare_run_dir, writing
     from perlhf.metrics import MetricsLogger, peak_memory_mb
     from perlhf.models import load_model
+    from perlhf.plan import say_rl_plan
 
     accelerator = Accelerator(cpu=config.device == "cpu")
     main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
@@ -406,9 +407,7 @@ def train_policy(config: RLConfig) -> dict:
               f"(max |error| {logit_error:.1e} nats); sampling softmax(logits / {config.temperature:g})"
               + ("; not applied from the model's generation_config.json: "
                  + ", ".join(f"{k}={v}" for k, v in ignored.items()) if ignored else ""))
-        from perlhf.plan import say_rl_plan
-
-        say_rl_plan(config, accelerator.device)
+    say_rl_plan(config, accelerator.device, main)
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(loaded.model)
     single_pass = reuses_sampling_pass(config)
