@@ -264,10 +264,8 @@ def run_demo(config: DemoConfig) -> dict:
     stage("training the LoRA reward model on the labelled pairs")
     rm = train_reward_model(RewardConfig(
         model=config.model, data=str(pairs_path), output_dir=str(run / "reward_model"), validation_fraction=0.2,
-        max_steps=sizes["rm_steps"], per_device_train_batch_size=8, learning_rate=5e-4, max_length=160,
-        lora_target="attention", lora_rank=8, lora_alpha=16.0,  # what the README's demo figures were measured with
-        eval_steps=0, save_steps=max(5, sizes["rm_steps"] // 2), seed=config.seed, device=config.device,
-        dtype=config.dtype))
+        max_steps=sizes["rm_steps"], per_device_train_batch_size=8, max_length=160, eval_steps=0,
+        save_steps=max(5, sizes["rm_steps"] // 2), seed=config.seed, device=config.device, dtype=config.dtype))
 
     stage(f"RL ({config.algorithm}) of a LoRA policy against the reward model, one shared backbone"
           + (", from the SFT adapter (the reference: a frozen copy of it)" if config.sft else ""))

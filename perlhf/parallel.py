@@ -7,14 +7,15 @@ here in flat buckets instead (one collective per ~25 MiB, as DDP does, not one p
 
 With `--fsdp` the frozen base weights are sharded over the processes with FSDP2 (`fully_shard`), one unit per
 decoder layer (plus the embedding and the LM head where they are not tied): each process keeps 1/N of them and
-gathers a unit's weights just before it runs. The trained parameters (adapters, heads) are left out of the shards: they are a few percent
-of the weights, and replicated they keep their own dtype (fp32 beside a bf16 base), plain tensors in the
-optimizer and checkpoints identical to a 1-process run's; their gradients are averaged as above.
+gathers a unit's weights just before it runs. Adapters and heads are left out of the shards. They are a few
+percent of the weights, and kept whole they keep their own dtype (fp32 beside a bf16 base), plain tensors in the
+optimizer, and checkpoints identical to a 1-process run's. Their gradients are averaged as above.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import sys
 
 import torch
@@ -108,7 +109,7 @@ def sharding(config, accelerator) -> bool:
     from perlhf.config import ConfigError
 
     if accelerator.distributed_type == DistributedType.FSDP:
-        raise ConfigError("fsdp: perlhf shards the frozen base itself (see docs/fsdp.md): launch with accelerate's "
+        raise ConfigError("fsdp: perlhf shards the frozen base itself (docs/parallel.md): launch with accelerate's "
                           "plain multi-process config (or torchrun) and pass --fsdp, not an accelerate FSDP config")
     wanted = config.fsdp
     if wanted and accelerator.num_processes == 1 and accelerator.is_main_process:
@@ -169,7 +170,7 @@ def lockstep_batches(indices: list[int], batch_size: int, total: int, lockstep: 
     must run as many batches as the largest share: a shorter share gets extra batches (of example 0) to discard."""
     batches = [(indices[i:i + batch_size], True) for i in range(0, len(indices), batch_size)]
     if lockstep:
-        most = -(-(-(-total // world_size())) // batch_size)
+        most = math.ceil(math.ceil(total / world_size()) / batch_size)  # batches of the largest share
         batches += [([0], False)] * (most - len(batches))
     return batches
 

@@ -303,6 +303,13 @@ def plan(config: PlanConfig) -> dict:
         generation = kv_cache + sequences * shapes.vocab * 4 * 2
         update = activations(shapes, probe, sequences, length, ckpt, element) + \
             logits_bytes(sequences * config.max_new_tokens, shapes.vocab, element)
+        if ckpt and config.algorithm in ("reinforce", "rloo"):
+            # the sampling-time forward is the update's (rl.trainer.reuses_sampling_pass, at the default one epoch
+            # of one mini-batch): its graph lives through the reference pass (its logits) and, for reinforce,
+            # the value baseline's forward over the prompts with its own graph
+            update += sequences * (config.max_new_tokens + 1) * shapes.vocab * element
+            if config.algorithm == "reinforce":
+                update += activations(shapes, probe, sequences, config.max_prompt_length, ckpt, element)
         perlhf = {"weights": weights,
                   "adapters + gradients + AdamW": shapes.lora * ADAM_BYTES * (2 if value else 1) + (head if value else 0),
                   "reward adapter (frozen)": shapes.lora * 4 + shapes.hidden * 4,
@@ -386,8 +393,8 @@ def for_run(config, task: str, device: torch.device, checkpointing: bool, batch_
 def choose_checkpointing(config, task: str, device: torch.device, verbose: bool) -> bool:
     """--gradient-checkpointing when asked; by default on only when the run would need more than 80% of the GPU's
     memory without it, or half the free RAM on CPU. There, such a run also returns freed memory to the system
-    (`models.return_freed_memory`): glibc's heap otherwise keeps 1.2 to 3.5 times what the plan counts
-    (benchmarks/results/plan_check.md). Checkpointing recomputes the forward in backward, about a third more
+    (`models.return_freed_memory`): glibc's heap otherwise keeps up to several times what the plan counts
+    (benchmarks/results/plan_check_glibc.md). Checkpointing recomputes the forward in backward, about a third more
     compute. Prints the expected peak."""
     shape = {"batch_size": config.per_device_train_batch_size, "max_length": config.max_length}
     chosen = config.gradient_checkpointing
