@@ -364,6 +364,11 @@ def expected_peak_line(layout: dict) -> str:
     return f"perlhf: expected peak memory {layout['total'] / GIB:.2f} GiB per process ({parts} GiB)"
 
 
+def memory_to_plan_for(device: torch.device) -> float:
+    """The share of a device a run may plan to fill: 80% of a GPU, half the free RAM on CPU."""
+    return available_memory(device) * (0.8 if device.type == "cuda" else 0.5)
+
+
 def available_memory(device: torch.device) -> float:
     """Bytes this process can count on: the GPU's total memory, or the machine's available RAM."""
     if device.type == "cuda":
@@ -406,7 +411,7 @@ def choose_checkpointing(config, task: str, device: torch.device, verbose: bool)
                   f"checkpointing {'on' if chosen else 'off'}")
         return bool(chosen)
     without, with_checkpointing = planned["perlhf"], planned["other_checkpointing"]
-    room = available_memory(device) * (0.8 if device.type == "cuda" else 0.5)
+    room = memory_to_plan_for(device)
     # decided together: processes that measured their free memory differently must still run one way (sharded,
     # each layer's recompute is a collective)
     tight = parallel.any_process(without["total"] > room)
@@ -434,7 +439,7 @@ def say_rl_plan(config, device: torch.device, verbose: bool) -> None:
         if verbose:
             print(f"perlhf: no memory plan for {config.model} ({type(err).__name__}: {err})")
         return
-    if device.type == "cpu" and parallel.any_process(result["perlhf"]["total"] > 0.5 * available_memory(device)):
+    if device.type == "cpu" and parallel.any_process(result["perlhf"]["total"] > memory_to_plan_for(device)):
         _return_freed_memory(verbose)
     if verbose:
         print(expected_peak_line(result["perlhf"]))
