@@ -49,13 +49,16 @@ def child(name: str, root: Path, args) -> dict:
         config = RewardConfig(data=str(root / "pairs.jsonl"), output_dir=str(root / name.replace(" ", "_")),
                               max_steps=2, per_device_train_batch_size=args.batch, max_length=args.max_length,
                               eval_steps=0, save_steps=2, device="cpu", overwrite_output_dir=True,
+                              share_prefix=False,  # the plan counts both sequences of a pair: an upper bound
                               gradient_checkpointing=options.pop("gradient_checkpointing", False), **options)
         shape = {"batch_size": config.per_device_train_batch_size, "max_length": config.max_length}
         predicted = planning.for_run(config, "rm", torch.device("cpu"), config.gradient_checkpointing, **shape)
         layout = "classic" if config.full else "perlhf"  # --full is the classic layout's reward model
         train_reward_model(config)
     else:
-        config = RLConfig(reward_model=str(root / "rm_lora"), prompts=str(root / "prompts.txt"),
+        # the reward model trained on the same base, so that it is a role of the one backbone, as the plan assumes
+        reward = "rm_lora,_4bit" if options.get("quantize") == "4bit" else "rm_lora"
+        config = RLConfig(reward_model=str(root / reward), prompts=str(root / "prompts.txt"),
                           output_dir=str(root / name.replace(" ", "_").replace(",", "")), max_steps=2,
                           batch_size=args.batch, max_new_tokens=48, max_prompt_length=args.prompt_length,
                           save_steps=2, device="cpu", overwrite_output_dir=True, **options)
@@ -103,8 +106,9 @@ def main() -> int:
     write_inputs(root, args)
     rows = []
     order = [n for n in CONFIGS if n in args.only]
-    if any(CONFIGS[n][0] == "rl" for n in order) and "rm lora" not in order:
-        order.insert(0, "rm lora")  # the reward model RL runs against
+    for reward, rl in (("rm lora", "rl reinforce"), ("rm lora, 4bit", "rl reinforce, 4bit")):
+        if rl in order and reward not in order:
+            order.insert(0, reward)  # the reward model RL runs against
     for name in order:
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         done = subprocess.run([sys.executable, __file__, "--child", name, "--root", str(root),

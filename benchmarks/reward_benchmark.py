@@ -1,10 +1,12 @@
-"""Reward-model training speed and memory: perlhf LoRA vs perlhf --full vs TRL's RewardTrainer with LoRA.
+"""Reward-model training speed and memory: perlhf LoRA (with and without prefix sharing) vs perlhf --full vs TRL's
+RewardTrainer with LoRA, and LoRA on a 4-bit and an 8-bit base.
 
   pip install -e '.[bench]'        # trl, psutil (perlhf itself never imports trl)
-  python benchmarks/reward_benchmark.py                     # CPU defaults: ~4 min on 2 shared cores
+  python benchmarks/reward_benchmark.py                     # CPU defaults: ~5 min on 2 shared cores
+  python benchmarks/reward_benchmark.py --data synthetic --max-length 512   # long prompts, short replies
   python benchmarks/reward_benchmark.py --pairs 64 --batch 8 --max-length 512 --steps 20 --device cuda  # untested
 
-One run measures three configurations on the SAME pairs, written once to a JSONL file of explicit
+One run measures every configuration on the SAME pairs, written once to a JSONL file of explicit
 {"prompt", "chosen", "rejected"} records whose prompts are pre-cut (from the left, like perlhf does) so that
 prompt + reply + eos fits --max-length for both tools: neither truncates nor drops anything, and both feed the
 model exactly the same tokens. Every configuration runs in its own child process (peak RSS is per process) with
@@ -52,10 +54,11 @@ from _common import child_env, cpu_seconds, machine, status_mb, versions, write_
 
 ROOT = Path(__file__).resolve().parents[1]
 HH_PAIRS = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless" / "pairs.jsonl.gz"
-CONFIGS = ("perlhf-lora", "perlhf-full", "trl-lora", "perlhf-lora-4bit", "perlhf-lora-8bit")
+CONFIGS = ("perlhf-lora", "perlhf-lora-unshared", "perlhf-full", "trl-lora", "perlhf-lora-4bit", "perlhf-lora-8bit")
 GOALS = {  # ratio: (goal, comparison) -- speed ratios must reach the goal, memory ratios stay under it
     "lora_vs_full_speed": (1.5, ">="), "lora_vs_full_memory": (0.5, "<="),
-    "perlhf_vs_trl_speed": (1.0, ">="), "perlhf_vs_trl_memory": (1.0, "<="),
+    "perlhf_vs_trl_speed": (1.5, ">="), "perlhf_vs_trl_memory": (1.0, "<="),
+    "sharing_vs_unshared_memory": (1.0, "<="),  # prefix sharing must not cost memory
     "lora_4bit_vs_full_memory": (0.35, "<="),
 }
 QUANTIZED = {"perlhf-lora-4bit": "4bit", "perlhf-lora-8bit": "8bit"}  # LoRA on a quantized frozen base
@@ -83,23 +86,29 @@ class Marks:
     """What the probes record at the end of every optimizer step, and the figures made from it."""
 
     def __init__(self, device: str):
-        self.device, self.rows, self.tokens, self.padded, self.rss_before_training = device, [], 0, 0, None
+        self.device, self.rows, self.rss_before_training = device, [], None
+        self.tokens, self.computed, self.padded = 0, 0, 0
 
-    def batch(self, tokens, padded: int) -> None:  # every training micro-batch, before its forward
+    def before_batch(self) -> None:  # every training micro-batch, before its forward
         if self.rss_before_training is None:
             self.rss_before_training = status_mb("VmRSS")
-        self.tokens, self.padded = self.tokens + tokens, self.padded + padded
+
+    def batch(self, tokens, computed, padded: int) -> None:
+        """tokens: of the sequences scored; computed: real tokens the model ran over (fewer with prefix sharing);
+        padded: positions it ran over, padding included."""
+        self.tokens, self.computed, self.padded = self.tokens + tokens, self.computed + computed, self.padded + padded
 
     def step_end(self) -> None:
         _sync(self.device)
-        self.rows.append((time.perf_counter(), cpu_seconds(), int(self.tokens), self.padded, _peak_mb(self.device)))
-        self.tokens, self.padded = 0, 0
+        self.rows.append((time.perf_counter(), cpu_seconds(), int(self.tokens), int(self.computed), self.padded,
+                          _peak_mb(self.device)))
+        self.tokens, self.computed, self.padded = 0, 0, 0
 
     def figures(self) -> dict:
         """Step 1 is the warm-up: the timed window runs from the end of step 1 to the end of the last step."""
         import torch
 
-        wall, cpu, tokens, padded, peak = zip(*self.rows)
+        wall, cpu, tokens, computed, padded, peak = zip(*self.rows)
         timed_tokens = sum(tokens[1:])
         intervals = [b - a for a, b in zip(wall, wall[1:])]
         out = {"timed_steps": len(wall) - 1, "timed_seconds": wall[-1] - wall[0], "timed_tokens": timed_tokens,
@@ -107,7 +116,9 @@ class Marks:
                # robust to a burst of load from other jobs that hits only some steps
                "median_step_tokens_per_second": statistics.median(n / t for n, t in zip(tokens[1:], intervals)),
                "tokens_per_cpu_second": timed_tokens / (cpu[-1] - cpu[0]),
-               "padding_fraction": 1 - timed_tokens / sum(padded[1:]),
+               "padding_fraction": 1 - sum(computed[1:]) / sum(padded[1:]),
+               "prefix_saved_fraction": 1 - sum(computed[1:]) / timed_tokens,
+               "padded_tokens_per_second": sum(padded[1:]) / (wall[-1] - wall[0]),  # positions computed per second
                "median_step_seconds": statistics.median(intervals), "step_seconds": intervals,
                "step_tokens": list(tokens), "torch_threads": torch.get_num_threads(),
                # peak over loading + training, read at the end of the last step: the final save and evaluation
@@ -147,8 +158,10 @@ def child_prepare(spec: dict) -> dict:
         text = lambda k: " ".join(rng.choice(words) for _ in range(k))  # noqa: E731
         raw = [(f"\n\nHuman: {text(300)}\n\nAssistant:", " " + text(rng.randint(10, 60)), " " + text(rng.randint(10, 60)))
                for _ in range(4 * n)]
-        data_note = f"SYNTHETIC pairs ({spec['data']} is absent)"
-        print(f"note: {spec['data']} not found; benchmarking on synthetic pairs")
+        data_note = ("synthetic long-prompt / short-reply pairs (300-word prompts, 10-60-word replies)"
+                     if spec["data"] == "synthetic" else f"SYNTHETIC pairs ({spec['data']} is absent)")
+        if spec["data"] != "synthetic":
+            print(f"note: {spec['data']} not found; benchmarking on synthetic pairs")
 
     encode = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
     min_prompt = max(8, max_length // 8)
@@ -178,7 +191,7 @@ def child_prepare(spec: dict) -> dict:
             "tokens_per_sequence": {"min": min(tokens), "mean": sum(tokens) / len(tokens), "max": max(tokens)}}
 
 
-def child_perlhf(spec: dict, full: bool, quantize: str | None = None) -> dict:
+def child_perlhf(spec: dict, full: bool, quantize: str | None = None, share_prefix: bool = True) -> dict:
     """perlhf through its Python API (the CLI runs the same function), with two read-only probes for timing."""
     import perlhf.reward as reward
     from perlhf.metrics import MetricsLogger
@@ -190,9 +203,10 @@ def child_perlhf(spec: dict, full: bool, quantize: str | None = None) -> dict:
     def counting_forward(model, batch, pad_id, dev):  # training forwards only: evaluation runs in eval mode
         if not model.training:
             return forward(model, batch, pad_id, dev)
-        lengths = [len(e.chosen) for e in batch] + [len(e.rejected) for e in batch]  # chosen + rejected, one pass
-        marks.batch(sum(lengths), max(lengths) * len(lengths))
-        return forward(model, batch, pad_id, dev)
+        marks.before_batch()
+        out = forward(model, batch, pad_id, dev)
+        marks.batch(out["tokens"].item(), out["computed"].item(), out["positions"])
+        return out
 
     def timed_advance(self, steps=1):  # called once per optimizer step, right after zero_grad
         marks.step_end()
@@ -207,7 +221,7 @@ def child_perlhf(spec: dict, full: bool, quantize: str | None = None) -> dict:
         max_steps=spec["steps"], per_device_train_batch_size=spec["batch"], max_length=spec["max_length"],
         # no evaluation, logging or checkpoint before the last step: those would land inside the timed window
         eval_steps=0, save_steps=spec["steps"], logging_steps=spec["steps"], seed=spec["seed"],
-        device=device, dtype=spec["dtype"], gradient_checkpointing=False, quantize=quantize)
+        device=device, dtype=spec["dtype"], gradient_checkpointing=False, quantize=quantize, share_prefix=share_prefix)
     summary = reward.train_reward_model(config)
     return {**marks.figures(), "trainable_parameters": summary["trainable_parameters"],
             "tool_reported": {"tokens_per_second_incl_warmup": summary["tokens_per_second"],
@@ -228,7 +242,9 @@ def child_trl(spec: dict) -> dict:
     class Probe(trl.RewardTrainer):
         def compute_loss(self, model, inputs, *args, **kwargs):
             if model.training:  # a tensor sum: no extra host sync before the step ends
-                marks.batch(inputs["attention_mask"].sum(), inputs["attention_mask"].numel())
+                marks.before_batch()
+                real = inputs["attention_mask"].sum()
+                marks.batch(real, real, inputs["attention_mask"].numel())
             return super().compute_loss(model, inputs, *args, **kwargs)
 
     class StepTimer(TrainerCallback):
@@ -269,7 +285,8 @@ def run_child(argv: list[str]) -> int:
     if args.child == "prepare":
         result = child_prepare(spec)
     elif args.child.startswith("perlhf-"):
-        result = child_perlhf(spec, full=args.child == "perlhf-full", quantize=QUANTIZED.get(args.child))
+        result = child_perlhf(spec, full=args.child == "perlhf-full", quantize=QUANTIZED.get(args.child),
+                              share_prefix=args.child != "perlhf-lora-unshared")
     else:
         result = child_trl(spec)
     Path(args.result).write_text(json.dumps(result, indent=2))
@@ -296,8 +313,6 @@ def spawn(name: str, tag: str, spec: dict, work: Path, log) -> dict:
         raise SystemExit(f"{tag} failed (exit {code}); log {work / f'{tag}.log'}:\n{tail}")
     log(f"  {tag}: done in {time.perf_counter() - started:.0f}s")
     result = json.loads(result_path.read_text())
-    if "tokens_per_second" in result:  # compute spent, pad positions included: separates batching from engine speed
-        result["padded_tokens_per_second"] = result["tokens_per_second"] / (1 - result["padding_fraction"])
     return {**result, "wall_seconds": time.perf_counter() - started}
 
 
@@ -308,7 +323,9 @@ def ratios(results: dict, speed_key: str = "tokens_per_second") -> dict:
              "lora_vs_full_memory": (memory, "perlhf-lora", "perlhf-full"),
              "perlhf_vs_trl_speed": (speed, "perlhf-lora", "trl-lora"),
              "perlhf_vs_trl_memory": (memory, "perlhf-lora", "trl-lora"),
-             "lora_4bit_vs_full_memory": (memory, "perlhf-lora-4bit", "perlhf-full")}
+             "lora_4bit_vs_full_memory": (memory, "perlhf-lora-4bit", "perlhf-full"),
+             "sharing_vs_unshared_speed": (speed, "perlhf-lora", "perlhf-lora-unshared"),
+             "sharing_vs_unshared_memory": (memory, "perlhf-lora", "perlhf-lora-unshared")}
     values = {k: f(a) / f(b) for k, (f, a, b) in pairs.items() if a in results and b in results}
     for name in QUANTIZED:  # reported beside the goals: quantized matmuls can be slower on CPU
         if name in results and "perlhf-full" in results:
@@ -328,13 +345,15 @@ def render(report: dict) -> str:
              f"{','.join(t.split('.')[-1] for t in s['lora_targets'])}, "
              f"{s['device']} {s['dtype']}, {len(rounds)} round(s); each figure is the median over rounds, "
              "each round's value in brackets.", "",
-             f"| configuration | trainable params | tokens/s | tokens/s, median step | tokens per CPU-s | padding | {unit} |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             f"| configuration | trainable params | tokens/s | tokens/s, median step | tokens per CPU-s | padding "
+             f"| saved by prefix sharing | {unit} |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in report["summary"].items():
         lines.append(f"| {name} | {r['trainable_parameters']:,} | {r['tokens_per_second']:.0f} "
                      f"({each(name, 'tokens_per_second', '.0f')}) | {r['median_step_tokens_per_second']:.0f} "
                      f"({each(name, 'median_step_tokens_per_second', '.0f')}) | {r['tokens_per_cpu_second']:.0f} | "
-                     f"{r['padding_fraction']:.0%} | {r['peak_mb']:.0f} ({each(name, 'peak_mb', '.0f')}) |")
+                     f"{r['padding_fraction']:.0%} | {r['prefix_saved_fraction']:.0%} | "
+                     f"{r['peak_mb']:.0f} ({each(name, 'peak_mb', '.0f')}) |")
     lines += ["", "| ratio | value | per round | from median steps | from CPU time | goal | met |",
               "|---|---:|---:|---:|---:|---:|:---:|"]
     for name, r in report["ratios"].items():
@@ -346,8 +365,9 @@ def render(report: dict) -> str:
     # Tokens/s counts real tokens only, so it also rewards batching that pads less; per padded position it
     # compares the two training engines alone.
     padded = lambda rs: rs["perlhf-lora"]["padded_tokens_per_second"] / rs["trl-lora"]["padded_tokens_per_second"]  # noqa: E731
-    lines.append(f"| perlhf_vs_trl_speed per padded position | {padded(report['summary']):.2f} | "
-                 f"{' / '.join(f'{padded(rd):.2f}' for rd in rounds)} | - | - | (info) | - |")
+    if {"perlhf-lora", "trl-lora"} <= set(report["summary"]):
+        lines.append(f"| perlhf_vs_trl_speed per padded position | {padded(report['summary']):.2f} | "
+                     f"{' / '.join(f'{padded(rd):.2f}' for rd in rounds)} | - | - | (info) | - |")
     return "\n".join(lines)
 
 
@@ -372,7 +392,8 @@ def main() -> int:
         return run_child(sys.argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct")
-    parser.add_argument("--data", default=str(HH_PAIRS), help="preference pairs (synthetic pairs if absent)")
+    parser.add_argument("--data", default=str(HH_PAIRS), help="preference pairs; `synthetic`: long prompts, short "
+                                                                "replies (also used when the file is absent)")
     parser.add_argument("--pairs", type=int, default=16, help="distinct pairs, shared by all configurations")
     parser.add_argument("--batch", type=int, default=2, help="pairs per optimizer step")
     parser.add_argument("--max-length", type=int, default=128)
@@ -422,7 +443,7 @@ def main() -> int:
     load_after = os.getloadavg()
 
     keys = ("tokens_per_second", "median_step_tokens_per_second", "tokens_per_cpu_second", "padded_tokens_per_second",
-            "median_step_seconds", "padding_fraction", "peak_mb", "rss_before_training_mb")
+            "median_step_seconds", "padding_fraction", "prefix_saved_fraction", "peak_mb", "rss_before_training_mb")
     summary = {name: {**{k: statistics.median(r[name][k] for r in rounds) for k in keys},
                       "trainable_parameters": rounds[0][name]["trainable_parameters"]} for name in args.only}
     report = {"command": shlex.join(["python", *sys.argv]),
@@ -430,9 +451,6 @@ def main() -> int:
               "load_average_1_5_15_before_after": [load_before, load_after], "versions": versions(),
               "settings": {k: v for k, v in spec.items() if k != "pairs_file"}, "data": prepared,
               "summary": summary, "rounds": rounds}
-    if set(args.only) != set(CONFIGS):
-        log(json.dumps(summary, indent=2))
-        return 0
     report["ratios"] = ratios(summary)
     report["round_ratios"] = [ratios(r) for r in rounds]
     report["median_step_ratios"] = ratios(summary, "median_step_tokens_per_second")

@@ -49,6 +49,7 @@ RECIPES: dict[str, tuple[Path, dict]] = {
     "taskmaster-previous-defaults": (TASKMASTER, {"lora_target": "attention", "lora_rank": 8, "lora_alpha": 16.0,
                                                   "learning_rate": 2e-4}),
     "taskmaster-balanced": (TASKMASTER, {"balance_classes": True}),
+    "taskmaster-balanced-120-steps": (TASKMASTER, {"balance_classes": True, "max_steps": 120}),
 }
 T_95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
@@ -57,11 +58,15 @@ def run_config(recipe: str, seed: int, args):
     from perlhf.reward import RewardConfig
 
     data, fields = RECIPES[recipe]
-    steps = args.pointwise_steps if data == TASKMASTER else args.steps
-    return RewardConfig(data=str(data), output_dir=str(Path(args.runs) / f"{recipe}-s{seed}"), max_steps=steps,
-                        per_device_train_batch_size=args.batch, max_length=args.max_length,
-                        eval_steps=max(1, steps // 2), save_steps=steps, seed=seed, device="cpu",
-                        overwrite_output_dir=True, logging_steps=max(1, steps // 10), **fields)
+    pointwise = data == TASKMASTER
+    steps = fields.get("max_steps", args.pointwise_steps if pointwise else args.steps)
+    # pointwise runs are short, so their curve is sampled finely: ROC-AUC moves a lot between evaluations
+    eval_steps = args.pointwise_eval_steps if pointwise else max(1, steps // 2)
+    options = dict(data=str(data), output_dir=str(Path(args.runs) / f"{recipe}-s{seed}"), max_steps=steps,
+                   per_device_train_batch_size=args.batch, max_length=args.max_length, eval_steps=eval_steps,
+                   save_steps=steps, seed=seed, device="cpu", overwrite_output_dir=True,
+                   logging_steps=max(1, steps // 10))
+    return RewardConfig(**{**options, **fields})
 
 
 def config_key(config) -> str:
@@ -187,18 +192,29 @@ def table(runs: Path, recipes: list[str]) -> tuple[str, dict]:
             f"{rs[0]['steps']} x {rs[0]['examples_seen'] // rs[0]['steps']}",
             f"{sum(r['tokens_per_second'] for r in rs) / len(rs):.0f}",
             f"{max(r['peak_memory_mb'] for r in rs):.0f} |"]))
-    curves = ["", "Validation accuracy (%) against steps, mean over seeds:", "",
-              "| recipe | " + " | ".join(f"step {s}" for s in _steps(results)) + " |",
-              "|---|" + "---:|" * len(_steps(results))]
+    pairs = {k: v for k, v in results.items() if "eval/roc_auc" not in v[0]["final"]}
+    pointwise = {k: v for k, v in results.items() if k not in pairs}
+    curves = _curve_table(pairs, recipes, "accuracy", "Validation accuracy (%) against steps, mean over seeds:", 100)
+    curves += _curve_table(pointwise, recipes, "roc_auc", "Taskmaster: validation ROC-AUC against steps, mean over "
+                           "seeds:", 1)
+    return "\n".join(rows + curves), aggregate
+
+
+def _curve_table(results: dict, recipes: list[str], key: str, title: str, scale: float) -> list[str]:
+    if not results:
+        return []
+    steps = _steps(results)
+    lines = ["", title, "", "| recipe | " + " | ".join(f"step {s}" for s in steps) + " |", "|---|" + "---:|" * len(steps)]
     for recipe in recipes:
         if recipe in results:
             by_step = {}
             for r in results[recipe]:
                 for point in r["curve"]:
-                    by_step.setdefault(point["step"], []).append(point["accuracy"])
-            curves.append(f"| {recipe} | " + " | ".join(
-                f"{100 * sum(by_step[s]) / len(by_step[s]):.1f}" if s in by_step else "-" for s in _steps(results)) + " |")
-    return "\n".join(rows + curves), aggregate
+                    by_step.setdefault(point["step"], []).append(point[key])
+            digits = 1 if scale == 100 else 3
+            lines.append(f"| {recipe} | " + " | ".join(
+                f"{scale * sum(by_step[s]) / len(by_step[s]):.{digits}f}" if s in by_step else "-" for s in steps) + " |")
+    return lines
 
 
 def _steps(results: dict) -> list[int]:
@@ -212,6 +228,7 @@ def main() -> int:
     parser.add_argument("--seeds", nargs="*", type=int, default=[1, 2, 3])
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--pointwise-steps", type=int, default=60, help="steps for Taskmaster (60 x 8 = 480 ratings)")
+    parser.add_argument("--pointwise-eval-steps", type=int, default=10, help="Taskmaster's evaluation interval")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--pandalm-pairs", type=int, default=400, help="PandaLM pairs scored (a fixed sample)")

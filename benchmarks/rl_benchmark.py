@@ -8,7 +8,9 @@ Configurations, all on the same model, prompts, sequences per iteration and resp
 
   perlhf-reinforce  perlhf.rl.trainer.train_policy, algorithm="reinforce": policy LoRA, reward LoRA, value LoRA
                     (a trainable copy of the reward adapter) and the reference (adapters off) on ONE backbone.
-  perlhf-rloo       the same with algorithm="rloo" (k=2 samples per prompt, no value role).
+  perlhf-rloo       the same with algorithm="rloo" (k = --rloo-k samples per prompt, no value role); each prompt is
+                    computed once per group in the log-prob, reference and reward passes (prefix sharing).
+  perlhf-rloo-unshared   the same with --share-prefix false: every sample runs its prompt again.
   full-reinforce    the "classic" layout, written here from perlhf's own rollout/objective functions: a trainable
                     full policy (AdamW over every weight), a frozen full reference copy, the reward model as a
                     separate *ForSequenceClassification model and a separate, fully trainable value model
@@ -75,7 +77,8 @@ from _common import child_env, cpu_seconds, machine, status_mb, versions, write_
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # perlhf.models.DEFAULT_MODEL; the parent imports no perlhf
-CONFIGS = ("perlhf-reinforce", "perlhf-rloo", "full-reinforce", "trl-rloo", "perlhf-reinforce-4bit", "perlhf-rloo-4bit")
+CONFIGS = ("perlhf-reinforce", "perlhf-rloo", "perlhf-rloo-unshared", "full-reinforce", "trl-rloo", "perlhf-reinforce-4bit",
+           "perlhf-rloo-4bit")
 LLAMA_ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]  # what perlhf's "attention" target resolves to here
 TOPICS = ["rain", "tea", "cats", "jazz", "bread", "rivers", "clouds", "lamps", "stone", "music", "trains", "maps",
           "snow", "birds", "salt", "glass"]
@@ -87,6 +90,8 @@ RATIOS = {
     "TRL/perlhf time": ("trl-rloo", "perlhf-rloo", "seconds_per_iteration", 1.0, ">="),
     "perlhf 4bit/full memory": ("perlhf-reinforce-4bit", "full-reinforce", "peak_mb", 0.15, "<="),
     "perlhf 4bit/TRL memory": ("perlhf-rloo-4bit", "trl-rloo", "peak_mb", 0.45, "<="),
+    "unshared/shared time": ("perlhf-rloo-unshared", "perlhf-rloo", "seconds_per_iteration", 1.25, ">="),
+    "shared/unshared memory": ("perlhf-rloo", "perlhf-rloo-unshared", "peak_mb", 1.0, "<="),
 }
 EXTRA_RATIOS = {  # reported, no goal: the other pairings
     "perlhf-reinforce/TRL memory": ("perlhf-reinforce", "trl-rloo", "peak_mb"),
@@ -208,7 +213,7 @@ def fixed_length_generation() -> None:
     rollout.GenerationConfig = generation_config
 
 
-def child_perlhf(spec: dict, algorithm: str, quantize: str | None = None) -> dict:
+def child_perlhf(spec: dict, algorithm: str, quantize: str | None = None, share_prefix: bool = True) -> dict:
     """perlhf through its Python API (the CLI runs the same function), with read-only probes."""
     import perlhf.rl.trainer as trainer
     from perlhf.metrics import MetricsLogger, read_metrics
@@ -255,7 +260,7 @@ def child_perlhf(spec: dict, algorithm: str, quantize: str | None = None) -> dic
     trainer.Roles.reference_logprobs = lambda self, *a, **kw: marks.timed("reference", reference_logprobs, self, *a, **kw)
     trainer.UPDATES[algorithm] = timed_update
 
-    k = 2 if algorithm == "rloo" else 1
+    k = spec["rloo_k"] if algorithm == "rloo" else 1
     config = trainer.RLConfig(
         model=spec["model"], reward_model=spec["reward_adapter_4bit" if quantize else "reward_adapter"],
         prompts=spec["prompts_file"], algorithm=algorithm, quantize=quantize,
@@ -263,7 +268,8 @@ def child_perlhf(spec: dict, algorithm: str, quantize: str | None = None) -> dic
         batch_size=spec["batch"] // k, samples_per_prompt=k, learning_rate=spec["lr"], value_learning_rate=spec["lr"],
         lora_rank=spec["lora_rank"], lora_alpha=spec["lora_alpha"], lora_target="attention", kl_coef=spec["kl_coef"],
         max_new_tokens=spec["max_new_tokens"], temperature=1.0, top_p=1.0, save_steps=10**9, seed=spec["seed"],
-        device=spec["device"], dtype=spec["dtype"], gradient_checkpointing=spec["gradient_checkpointing"])
+        device=spec["device"], dtype=spec["dtype"], gradient_checkpointing=spec["gradient_checkpointing"],
+        share_prefix=share_prefix)
     summary = trainer.train_policy(config)
     if not counted.get("shared_reward"):
         raise SystemExit("perlhf loaded the reward model as a separate model: the benchmark needs it on the backbone")
@@ -410,7 +416,7 @@ def child_trl(spec: dict) -> dict:
     t = spec["max_new_tokens"]
     args = trl.RLOOConfig(
         output_dir=spec["run_dir"], max_steps=spec["steps"], per_device_train_batch_size=spec["batch"],
-        num_generations=2, steps_per_generation=1, num_iterations=1, max_completion_length=t,
+        num_generations=spec["rloo_k"], steps_per_generation=1, num_iterations=1, max_completion_length=t,
         generation_kwargs={"min_new_tokens": t}, temperature=1.0, top_p=1.0, top_k=0, beta=spec["kl_coef"],
         normalize_advantages=True,  # perlhf whitens advantages too
         learning_rate=spec["lr"], lr_scheduler_type="constant", max_grad_norm=1.0, weight_decay=0.0,
@@ -444,8 +450,9 @@ def run_child(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     spec = json.loads(Path(args.spec).read_text())
     if args.child.startswith("perlhf-"):  # perlhf-reinforce, perlhf-rloo, and the same on a 4-bit base (-4bit)
-        algorithm, _, quantize = args.child.removeprefix("perlhf-").partition("-")
-        result = child_perlhf(spec, algorithm, quantize or None)
+        algorithm, _, variant = args.child.removeprefix("perlhf-").partition("-")
+        result = child_perlhf(spec, algorithm, None if variant in ("", "unshared") else variant,
+                              share_prefix=variant != "unshared")
     elif args.child == "full-reinforce":
         result = child_full(spec)
     elif args.child == "trl-rloo":
@@ -555,8 +562,8 @@ def render(report: dict) -> str:
     s, rounds, summary = report["settings"], report["rounds"], report["summary"]
     unit = "peak CUDA allocated (MiB)" if s["device"].startswith("cuda") else "peak RSS (MiB)"
     each = lambda name, key, fmt: " / ".join(format(rd[name][key], fmt) for rd in rounds if name in rd)  # noqa: E731
-    lines = [f"{s['batch']} sequences per iteration ({s['batch']} prompts x 1 for REINFORCE, {s['batch'] // 2} x 2 for "
-             f"RLOO), prompt {report['data']['prompt_tokens'][0]} tokens + exactly {s['max_new_tokens']} generated, "
+    lines = [f"{s['batch']} sequences per iteration ({s['batch']} prompts x 1 for REINFORCE, {s['batch'] // s.get('rloo_k', 2)} x "
+             f"{s.get('rloo_k', 2)} for RLOO), prompt {report['data']['prompt_tokens'][0]} tokens + exactly {s['max_new_tokens']} generated, "
              f"{s['steps']} iterations per run (iteration 1 = warm-up, not timed), LoRA r={s['lora_rank']} "
              f"alpha={s['lora_alpha']:g} on q,k,v,o, perlhf gradient checkpointing "
              f"{'on' if s.get('gradient_checkpointing', True) else 'off'} (and TRL's), {s['device']} {s['dtype']}, "
@@ -645,6 +652,7 @@ def main() -> int:
     parser.add_argument("--prompts", type=int, default=8, help="distinct chat prompts (<= 16)")
     parser.add_argument("--batch", type=int, default=8, help="generated sequences per iteration (even)")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="exact response length (EOS suppressed)")
+    parser.add_argument("--rloo-k", type=int, default=2, help="RLOO samples per prompt (perlhf and TRL)")
     parser.add_argument("--steps", type=int, default=4, help="iterations per run; the first is warm-up and not timed")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved repeats of every configuration")
     parser.add_argument("--lora-rank", type=int, default=8)
@@ -669,8 +677,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.steps < 3:
         parser.error("--steps must be >= 3 (iteration 1 is warm-up; the median needs >= 2 timed iterations)")
-    if args.batch < 2 or args.batch % 2:
-        parser.error("--batch must be even (RLOO takes --batch/2 prompts x 2 samples)")
+    if args.rloo_k < 2 or args.batch < args.rloo_k or args.batch % args.rloo_k:
+        parser.error("--batch must be a multiple of --rloo-k >= 2 (RLOO takes --batch/k prompts x k samples)")
 
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="perlhf-rl-bench-"))
@@ -687,7 +695,7 @@ def main() -> int:
             "max_new_tokens": args.max_new_tokens, "steps": args.steps, "lora_rank": args.lora_rank,
             "lora_alpha": args.lora_alpha, "lr": args.lr, "full_lr": args.full_lr, "kl_coef": args.kl_coef,
             "seed": 0, "device": args.device, "dtype": "bfloat16" if cuda else "float32", "threads": args.threads,
-            "reward_model": args.reward_model, "rm_steps": args.rm_steps,
+            "reward_model": args.reward_model, "rm_steps": args.rm_steps, "rloo_k": args.rloo_k,
             "gradient_checkpointing": not args.no_gradient_checkpointing}
 
     rounds = []

@@ -43,6 +43,8 @@ class RewardConfig(SupervisedConfig):
     per_device_train_batch_size: int = field(8, "pairs (or rated replies) per device per micro-batch")
     per_device_eval_batch_size: int = field(16, "pairs per device per evaluation batch")
     max_length: int = field(512, "tokens per prompt+response; longer prompts are cut from the left")
+    share_prefix: bool = field(True, "pairs: compute the start chosen and rejected share (the prompt) once; exact, "
+                                     "and off by itself where a model cannot do it exactly")
 
     DEFAULT_LEARNING_RATES = (5e-4, 1e-5)
 
@@ -98,10 +100,12 @@ class RewardModel(nn.Module):
 
     ADAPTER = "reward"
 
-    def __init__(self, body: nn.Module, head: nn.Linear, tokenizer, max_length: int = 512, base_model: str = ""):
+    def __init__(self, body: nn.Module, head: nn.Linear, tokenizer, max_length: int = 512, base_model: str = "",
+                 share_prefix: bool = True):
         super().__init__()
         self.body, self.head, self.tokenizer = body, head, tokenizer
         self.max_length, self.base_model = max_length, base_model
+        self.share_prefix: bool | None = None if share_prefix else False  # None: decided at the first pair batch
 
     @property
     def is_lora(self) -> bool:
@@ -109,10 +113,18 @@ class RewardModel(nn.Module):
 
         return isinstance(self.body, PeftModel)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        from perlhf.backbone import last_hidden, last_token_scores
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None,
+                ends: torch.Tensor | None = None) -> torch.Tensor:
+        """Scores [B] at each row's last real token; packed rows (prefix_sharing: a 4D mask, position ids and the
+        branches' `ends` [B, k]) give scores [B, k], one per branch."""
+        from perlhf.backbone import last_hidden, last_token_scores, transformer_body
 
-        return last_token_scores(last_hidden(self.body, input_ids, attention_mask), self.head, attention_mask)
+        if ends is None:
+            return last_token_scores(last_hidden(self.body, input_ids, attention_mask), self.head, attention_mask)
+        hidden = transformer_body(self.body)(input_ids=input_ids, attention_mask=attention_mask,
+                                             position_ids=position_ids, use_cache=False).last_hidden_state
+        picked = hidden[torch.arange(hidden.size(0), device=hidden.device)[:, None], ends]
+        return self.head(picked.to(self.head.weight.dtype)).squeeze(-1).float()
 
     @torch.no_grad()
     def score(self, prompts: list, responses: list[str], batch_size: int = 16) -> list[float]:
@@ -122,10 +134,33 @@ class RewardModel(nn.Module):
         self.eval()
         device = next(self.parameters()).device
         encoded = [encode_example(self.tokenizer, p, r, self.max_length).input_ids for p, r in zip(prompts, responses)]
-        out: list[float] = []
-        for start in range(0, len(encoded), batch_size):
-            ids, mask = pad_right(encoded[start:start + batch_size], self.tokenizer.pad_token_id, device)
-            out += self(ids, mask).tolist()
+        groups: list[list[int]] = []  # runs of the same prompt (RL scores k samples per prompt), computed once
+        # not when sharded: every process must run as many forwards, and repeated prompts may differ between them
+        grouping = self.share_prefix is not False and not parallel.is_sharded(self.body)
+        for index, prompt in enumerate(prompts):
+            if groups and grouping and prompts[groups[-1][0]] == prompt:
+                groups[-1].append(index)
+            else:
+                groups.append([index])
+        pad_id, out = self.tokenizer.pad_token_id, [0.0] * len(encoded)
+        start = 0
+        while start < len(groups):
+            batch, size = [], 0
+            while start < len(groups) and (not batch or size + len(groups[start]) <= batch_size):
+                batch.append(groups[start])
+                size, start = size + len(groups[start]), start + 1
+            sequences = [[encoded[i] for i in group] for group in batch]
+            if max(len(g) for g in batch) > 1 and _shares_prefix(self, sequences, pad_id, device):
+                packed = _packed(self, sequences, pad_id, device)
+                scores = self(packed.input_ids, packed.attention_mask, packed.position_ids, packed.ends).tolist()
+                for group, row in zip(batch, scores):
+                    for i, score in zip(group, row):
+                        out[i] = score
+            else:
+                flat = [i for group in batch for i in group]
+                ids, mask = pad_right([encoded[i] for i in flat], pad_id, device)
+                for i, score in zip(flat, self(ids, mask).tolist()):
+                    out[i] = score
         return out
 
     def save(self, directory: str | Path, extra: dict | None = None) -> None:
@@ -167,7 +202,7 @@ def build_reward_model(config: RewardConfig, loaded) -> RewardModel:
 
     body = trainable_body(config, loaded, RewardModel.ADAPTER)
     head = new_head(loaded.model)  # fp32 even over a bf16 base: a trained weight needs fp32 for AdamW's small updates
-    return RewardModel(body, head, loaded.tokenizer, config.max_length, config.model)
+    return RewardModel(body, head, loaded.tokenizer, config.max_length, config.model, config.share_prefix)
 
 
 def reward_adapter(backbone, name: str, directory: str | Path, tokenizer) -> RewardModel:
@@ -301,14 +336,70 @@ def encode_records(records: list, tokenizer, max_length: int) -> tuple[list[Enco
 
 
 def forward_batch(model: nn.Module, batch: list[Encoded], pad_id: int, device) -> dict[str, torch.Tensor]:
-    """Scores for a batch. Pairs: chosen and rejected go through the model in ONE forward pass."""
-    if batch[0].rejected is not None:
-        ids, mask = pad_right([e.chosen for e in batch] + [e.rejected for e in batch], pad_id, device)
-        scores = model(ids, mask)
-        return {"chosen": scores[:len(batch)], "rejected": scores[len(batch):], "tokens": mask.sum()}
-    ids, mask = pad_right([e.chosen for e in batch], pad_id, device)
-    labels = torch.tensor([e.label for e in batch], device=device)
-    return {"scores": model(ids, mask), "labels": labels, "tokens": mask.sum()}
+    """Scores for a batch. Pairs: chosen and rejected go through the model in ONE forward pass, packed with their
+    shared start computed once where the model allows it (perlhf.prefix_sharing). `tokens` counts the tokens of the
+    sequences scored (the same with and without sharing, so tokens/s compare); `computed` and `positions` the real
+    and padded tokens the model ran over."""
+    if batch[0].rejected is None:
+        ids, mask = pad_right([e.chosen for e in batch], pad_id, device)
+        labels = torch.tensor([e.label for e in batch], device=device)
+        return {"scores": model(ids, mask), "labels": labels, "tokens": mask.sum(), "computed": mask.sum(),
+                "positions": mask.numel()}
+    tokens = torch.tensor(sum(len(e.chosen) + len(e.rejected) for e in batch), device=device)
+    pairs = [[e.chosen, e.rejected] for e in batch]
+    if _shares_prefix(model, pairs, pad_id, device):
+        packed = _packed(model, pairs, pad_id, device)
+        scores = model(packed.input_ids, packed.attention_mask, packed.position_ids, packed.ends)
+        return {"chosen": scores[:, 0], "rejected": scores[:, 1], "tokens": tokens,
+                "computed": torch.tensor(packed.tokens, device=device), "positions": packed.input_ids.numel()}
+    ids, mask = pad_right([e.chosen for e in batch] + [e.rejected for e in batch], pad_id, device)
+    scores = model(ids, mask)
+    return {"chosen": scores[:len(batch)], "rejected": scores[len(batch):], "tokens": tokens, "computed": mask.sum(),
+            "positions": mask.numel()}
+
+
+def _packed(model: nn.Module, groups: list[list[list[int]]], pad_id: int, device):
+    """Each group of sequences (a pair, or RL's k samples of a prompt) as one packed row."""
+    from perlhf import prefix_sharing
+
+    reward = getattr(model, "module", model)  # under DDP the reward model is wrapped
+    return prefix_sharing.pad_packed([prefix_sharing.pack(group) for group in groups], pad_id, device,
+                                     prefix_sharing.attention_of(reward.body), next(reward.body.parameters()).dtype)
+
+
+def _shares_prefix(model: nn.Module, groups: list[list[list[int]]], pad_id: int, device) -> bool:
+    """Whether groups of sequences go through `model` packed. Decided at the first use: where the model can share
+    exactly, the packed scores of that batch must equal the plain ones, or the plain path is kept. Said in one line."""
+    from perlhf import prefix_sharing
+
+    reward = getattr(model, "module", model)
+    if reward.share_prefix is not None:
+        return reward.share_prefix
+    reason = prefix_sharing.sharing_failure(reward.body, reward.max_length)
+    if reason is None:
+        was_training = reward.training
+        reward.eval()  # no dropout, so that the two computations can be compared
+        with torch.no_grad():
+            plain = reward(*pad_right([s for group in groups for s in group], pad_id, device))
+            packed = _packed(reward, groups, pad_id, device)
+            rows = reward(packed.input_ids, packed.attention_mask, packed.position_ids, packed.ends)
+            shared = torch.cat([row[:len(group)] for row, group in zip(rows, groups)])
+        reward.train(was_training)
+        if not prefix_sharing.agrees(shared, plain, next(reward.body.parameters()).dtype):
+            reason = f"packed scores differ from the plain ones by {(shared - plain).abs().max().item():.2g}"
+    reward.share_prefix = reason is None
+    if parallel.rank() == 0:
+        print("perlhf: sequences of one prompt share its forward pass in the reward model (prefix sharing, checked "
+              "equal on the first batch; --share-prefix false turns it off)" if reason is None else
+              f"perlhf: prefix sharing is off for this model: {reason}; each sequence runs whole")
+    return reward.share_prefix
+
+
+def speed_metrics(out: dict) -> dict[str, float]:
+    """Where a batch's compute went: the share of padded positions, and the share of the sequences' tokens that
+    prefix sharing did not need to compute."""
+    computed, tokens = out["computed"].item(), out["tokens"].item()
+    return {"train/padding_share": 1 - computed / out["positions"], "train/prefix_saved_share": 1 - computed / tokens}
 
 
 def batch_loss(out: dict[str, torch.Tensor], margin: float, positive_weight: float = 1.0) -> tuple[torch.Tensor, float]:
@@ -400,7 +491,7 @@ def train_reward_model(config: RewardConfig) -> dict:
     def step_loss(module: nn.Module, batch: list[Encoded]):
         out = forward_batch(module, batch, tokenizer.pad_token_id, accelerator.device)
         loss, accuracy = batch_loss(out, config.margin, positive_weight)
-        return loss, {"train/accuracy": accuracy}, out["tokens"]
+        return loss, {"train/accuracy": accuracy, **speed_metrics(out)}, out["tokens"]
 
     task = Task(model=model, examples=train,
                 lengths=[max(len(e.chosen), len(e.rejected or [])) for e in train],  # chosen and rejected pad together

@@ -125,6 +125,7 @@ def test_rm_train_sharded_with_fsdp_equals_one_process(family, inputs, untied, t
     assert_two_identical_processes(result)
     # llama ties its LM head to the embedding, which then stays whole; qwen2's base is sharded in full
     assert_sharded_over_two(result, 0.75 if family == "llama" else 0.51)
+    assert "share its forward pass in the reward model" in result.stdout  # prefix sharing, on the sharded base too
     assert_close_adapters(tmp_path / "fsdp" / "adapter_model.safetensors",
                           tmp_path / "one" / "adapter_model.safetensors")
     one, two = ([m for m in read_metrics(run) if "eval/margin" in m] for run in (tmp_path / "one", tmp_path / "fsdp"))
@@ -135,12 +136,15 @@ def test_rm_train_sharded_with_fsdp_equals_one_process(family, inputs, untied, t
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_rl_train_sharded_with_fsdp_equals_one_process(family, inputs, untied, reward_model, tmp_path):
     """PPO (policy, reference, reward and value on one sharded backbone), with gradient checkpointing: the
-    recomputed layers gather their weights again in backward."""
+    recomputed layers gather their weights again in backward; 2 samples per prompt, each group's prompt computed
+    once (prefix sharing) in every pass."""
     setup, rm = (inputs, reward_model) if family == "llama" else (untied, untied["rm"])
-    extra = ("--gradient-checkpointing",)
+    extra = ("--gradient-checkpointing", "--samples-per-prompt", "2")
     assert cli_main(rl_argv(setup, rm, tmp_path / "one", "ppo", 4, 2, *extra)) == 0
     result = torchrun(rl_argv(setup, rm, tmp_path / "fsdp", "ppo", 2, 2, *extra, "--fsdp"))
     assert_two_identical_processes(result)
+    assert "each prompt's forward pass is shared by its group of samples" in result.stdout
+    assert all(m["perf/prefix_saved_share"] > 0 for m in read_metrics(tmp_path / "fsdp"))
     assert_sharded_over_two(result, 0.75 if family == "llama" else 0.51)
     for role in ("policy", "value"):
         assert_close_adapters(tmp_path / "fsdp" / role / "adapter_model.safetensors",

@@ -52,6 +52,31 @@ def test_a_quantized_base_trains_a_lora_reward_model_and_the_adapter_records_it(
     assert any("lora_B" in k and t.abs().max() > 0 for k, t in weights.items())  # LoRA trained over the base
 
 
+def _mapped_weight_files(model_dir: str) -> set[str]:
+    root = str(Path(model_dir).resolve())
+    with open("/proc/self/maps", encoding="utf-8") as handle:
+        return {line.split()[-1] for line in handle if line.rstrip().endswith(".safetensors") and root in line}
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps (Linux)")
+@pytest.mark.parametrize("quantize", ["4bit", "8bit"])
+def test_a_quantized_load_keeps_no_view_of_the_weights_file(setup, quantize):
+    """The unquantized weights are copied out of the mapped file, so the pages read while quantizing go with the
+    mapping (on the default model they were 405 MiB beside 159 MiB of 4-bit weights)."""
+    import gc
+
+    from perlhf.models import load_model
+
+    plain = load_model(setup["model"], device="cpu", verbose=False)
+    assert _mapped_weight_files(setup["model"])  # an fp32 model is served from the mapping: the check can see it
+    del plain
+    gc.collect()
+    quantized = load_model(setup["model"], device="cpu", quantize=quantize, verbose=False)
+    assert _mapped_weight_files(setup["model"]) == set()
+    embedding = quantized.model.get_input_embeddings().weight
+    assert embedding.dtype == torch.float32 and torch.isfinite(embedding).all()
+
+
 def test_quantize_with_full_tuning_is_refused(setup):
     from perlhf.config import ConfigError
     from perlhf.reward import RewardConfig

@@ -39,31 +39,39 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
     """log softmax(logits / T) at `tokens` [...], and optionally the entropy of softmax(logits / T) at each position.
 
     Sampling at temperature T draws from softmax(logits / T), so these are the log-probs of the sampled tokens.
-    Computed in fp32 as logit - logsumexp. Without a graph (reference passes, metrics) it runs a chunk of
-    positions at a time, so no fp32 copy of the whole [..., V] logits is made.
+    Computed in fp32 as logit / T - logsumexp(logits / T).
     """
-    vocab = logits.size(-1)
-    flat, picked = logits.reshape(-1, vocab), tokens.reshape(-1, 1)
+    normaliser, entropy = log_normaliser(logits, temperature, with_entropy, chunk_elements)
+    picked = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).float()
+    logp = (picked if temperature == 1.0 else picked / temperature) - normaliser
+    return (logp, entropy) if with_entropy else logp
 
-    def rows(part: torch.Tensor, ids: torch.Tensor):
+
+def log_normaliser(logits: torch.Tensor, temperature: float = 1.0, with_entropy: bool = False,
+                   chunk_elements: int = 2**24) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """logsumexp(logits / T) at each position [...] in fp32, and optionally the entropy of softmax(logits / T) (a
+    metric: no graph). Without a graph (reference passes, metrics) it runs a chunk of positions at a time, so no
+    fp32 copy of the whole [..., V] logits is made."""
+    vocab = logits.size(-1)
+    flat = logits.reshape(-1, vocab)
+
+    def rows(part: torch.Tensor):
         scaled = part.float() if temperature == 1.0 else part.float() / temperature  # no fp32 copy at T = 1
         normaliser = torch.logsumexp(scaled, dim=-1)
-        logp = scaled.gather(-1, ids).squeeze(-1) - normaliser
         if not with_entropy:
-            return logp, None
-        with torch.no_grad():  # a metric: no graph through the vocabulary
+            return normaliser, None
+        with torch.no_grad():
             probs = torch.softmax(scaled, dim=-1)
-            return logp, normaliser - (probs * scaled).sum(-1)
+            return normaliser, normaliser - (probs * scaled).sum(-1)
 
     if torch.is_grad_enabled() and logits.requires_grad:
-        pieces = [rows(flat, picked)]
+        pieces = [rows(flat)]
     else:
         step = max(1, chunk_elements // vocab)
-        pieces = [rows(flat[i:i + step], picked[i:i + step]) for i in range(0, flat.size(0), step)]
-    logp = torch.cat([p[0] for p in pieces]).view(tokens.shape)
-    if not with_entropy:
-        return logp
-    return logp, torch.cat([p[1] for p in pieces]).view(tokens.shape)
+        pieces = [rows(flat[i:i + step]) for i in range(0, flat.size(0), step)]
+    normaliser = torch.cat([p[0] for p in pieces]).view(logits.shape[:-1])
+    entropy = torch.cat([p[1] for p in pieces]).view(logits.shape[:-1]) if with_entropy else None
+    return normaliser, entropy
 
 
 def exact_kl(policy_logits: torch.Tensor, reference_logits: torch.Tensor, temperature: float = 1.0,

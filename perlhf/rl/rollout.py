@@ -14,7 +14,8 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList,
 
 from perlhf import parallel
 from perlhf.backbone import causal_lm, keeps_logits, transformer_body
-from perlhf.rl.objectives import token_logprobs
+from perlhf.prefix_sharing import PackedRollout
+from perlhf.rl.objectives import log_normaliser, token_logprobs
 
 
 @dataclass
@@ -198,13 +199,34 @@ def response_logits(model, rollout: Rollout) -> torch.Tensor:
     return logits[:, -width - 1:-1]
 
 
-def response_logprobs(model, rollout: Rollout, temperature: float = 1.0, with_entropy: bool = False):
+def response_logprobs(model, rollout: Rollout, temperature: float = 1.0, with_entropy: bool = False,
+                      packed: PackedRollout | None = None):
     """log pi_T(y_t | x, y_<t) for each response token [B, T] (0 on padding), pi_T = softmax(logits / T): the
-    distribution `generate` sampled from at that temperature. With entropy: also the entropy of pi_T [B, T]."""
-    out = token_logprobs(response_logits(model, rollout), rollout.response_ids, temperature, with_entropy)
+    distribution `generate` sampled from at that temperature. With entropy: also the entropy of pi_T [B, T].
+    `packed`: the rollout with each shared prompt computed once (perlhf.prefix_sharing), the same numbers."""
+    if packed is None:
+        out = token_logprobs(response_logits(model, rollout), rollout.response_ids, temperature, with_entropy)
+    else:
+        out = _packed_logprobs(model, rollout, packed, temperature, with_entropy)
     if with_entropy:
         return out[0] * rollout.response_mask, out[1]
     return out * rollout.response_mask
+
+
+def _packed_logprobs(model, rollout: Rollout, packed: PackedRollout, temperature: float, with_entropy: bool):
+    """token_logprobs over packed rows: the normaliser (and entropy) once per position, then gathered, because the
+    prompt's last position predicts the first token of every response of its group."""
+    first = rollout.prompt_ids.size(1) - 1
+    kwargs = {"logits_to_keep": packed.input_ids.size(1) - first} if keeps_logits(model) else {}
+    logits = model(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
+                   position_ids=packed.position_ids, use_cache=False, **kwargs).logits
+    column = packed.before - (packed.input_ids.size(1) - logits.size(1))
+    normaliser, entropy = log_normaliser(logits, temperature, with_entropy)
+    picked = logits[packed.row[:, None], column, rollout.response_ids].float()
+    logp = (picked if temperature == 1.0 else picked / temperature) - normaliser[packed.row[:, None], column]
+    if not with_entropy:
+        return logp
+    return logp, entropy[packed.row[:, None], column]
 
 
 @torch.no_grad()
@@ -235,19 +257,30 @@ def check_logprobs_match_sampler(model, tokenizer, prompt_ids: list[int], new_to
     return error
 
 
-def response_values(model, head: torch.nn.Module, rollout: Rollout) -> torch.Tensor:
+def response_values(model, head: torch.nn.Module, rollout: Rollout, packed: PackedRollout | None = None) -> torch.Tensor:
     """V(state before each response token) [B, T]; column 0 is the value of the prompt alone."""
-    hidden = _hidden(model, rollout)
-    start = rollout.prompt_ids.size(1)
-    return head(hidden[:, start - 1:-1].to(head.weight.dtype)).squeeze(-1).float()
+    if packed is None:
+        hidden = _hidden(model, rollout)
+        start = rollout.prompt_ids.size(1)
+        states = hidden[:, start - 1:-1]
+    else:
+        hidden = transformer_body(model)(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
+                                         position_ids=packed.position_ids, use_cache=False).last_hidden_state
+        states = hidden[packed.row[:, None], packed.before]
+    return head(states.to(head.weight.dtype)).squeeze(-1).float()
 
 
-def prompt_values(model, head: torch.nn.Module, rollout: Rollout) -> torch.Tensor:
-    """V(prompt) [B]: the value head on the last prompt token, running the prompt alone (left-padded)."""
-    mask = rollout.prompt_mask
-    hidden = transformer_body(model)(input_ids=rollout.prompt_ids, attention_mask=mask, position_ids=_positions(mask),
+def prompt_values(model, head: torch.nn.Module, rollout: Rollout, share_prefix: bool = False) -> torch.Tensor:
+    """V(prompt) [B]: the value head on the last prompt token, running the prompt alone (left-padded); with
+    `share_prefix`, each distinct prompt once."""
+    ids, mask, rows = rollout.prompt_ids, rollout.prompt_mask, None
+    if share_prefix:
+        ids, rows = torch.unique(torch.cat([ids, mask], dim=1), dim=0, return_inverse=True)
+        ids, mask = ids[:, :mask.size(1)], ids[:, mask.size(1):]
+    hidden = transformer_body(model)(input_ids=ids, attention_mask=mask, position_ids=_positions(mask),
                                      use_cache=False).last_hidden_state
-    return head(hidden[:, -1].to(head.weight.dtype)).squeeze(-1).float()
+    values = head(hidden[:, -1].to(head.weight.dtype)).squeeze(-1).float()
+    return values if rows is None else values[rows]
 
 
 def response_texts(tokenizer, rollout: Rollout) -> list[str]:

@@ -17,11 +17,12 @@ from pathlib import Path
 import torch
 
 from perlhf import config as cfg
-from perlhf import parallel
+from perlhf import parallel, prefix_sharing
 from perlhf.backbone import Backbone, enable_gradient_checkpointing, lora_config, new_head
 from perlhf.config import check, field
 from perlhf.models import DEFAULT_MODEL
 from perlhf.rl import objectives as obj
+from perlhf.prefix_sharing import PackedRollout
 from perlhf.rl.rollout import (Rollout, check_logprobs_match_sampler, encode_prompts, generate,
                                ignored_generation_settings, prompt_values, response_logprobs, response_texts,
                                response_values, sequence_seed)
@@ -81,6 +82,9 @@ class RLConfig:
     fsdp: bool = field(False, cfg.FSDP_HELP)
     trust_remote_code: bool = field(False, "allow model code from the model repository")
     allow_pickle: bool = field(False, "allow pickle-based weight files")
+    share_prefix: bool = field(True, "with k > 1 samples per prompt, compute each prompt once per group in the "
+                                     "log-prob, reference and value passes; exact, and off by itself where a "
+                                     "model cannot do it exactly")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -180,6 +184,9 @@ class Roles:
                 self.backbone.heads["value"] = new_head(base)
                 self.backbone.set_trainable("value", True)
         disable_dropout(self.backbone.model)
+        self.share_prefix: bool | None = None if config.share_prefix else False  # None: decided at the first rollout
+        if not config.share_prefix:
+            self.reward.share_prefix = False  # the reward model scores the k samples of a prompt plainly too
 
     def scores(self, rollout: Rollout, prompts: list) -> torch.Tensor:
         """Reward-model scores of each (prompt, response text): exactly what `perlhf rm score` gives, whichever
@@ -188,21 +195,55 @@ class Roles:
         with self.backbone.role("reward") if self.shared_reward else contextlib.nullcontext():
             return torch.tensor(self.reward.score(prompts, texts), device=rollout.prompt_ids.device)
 
+    def packed(self, rollout: Rollout) -> PackedRollout | None:
+        """The rollout with each group's prompt computed once, where sharing is on and a prompt repeats."""
+        if not self.share_prefix:
+            return None
+        return prefix_sharing.pack_rollout(rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids,
+                                           rollout.response_mask, prefix_sharing.attention_of(self.backbone.model),
+                                           next(self.backbone.model.parameters()).dtype)
+
+    def decide_sharing(self, rollout: Rollout, verbose: bool) -> None:
+        """At the first rollout: prefix sharing stays on only where it is exact on this model, and the packed
+        reference log-probs of that rollout equal the plain ones. Said in one line."""
+        if self.share_prefix is not None:
+            return
+        if self.config.samples_per_prompt == 1:  # nothing to share (and under FSDP every process must agree)
+            self.share_prefix = False
+            return
+        reason = prefix_sharing.sharing_failure(self.backbone.model, self.config.max_prompt_length
+                                                + self.config.max_new_tokens)
+        self.share_prefix = reason is None
+        packed = self.packed(rollout) if reason is None else None
+        if packed is not None:
+            with torch.no_grad(), self.backbone.role(self.reference):
+                shared = response_logprobs(self.backbone.model, rollout, self.config.temperature, packed=packed)
+                plain = response_logprobs(self.backbone.model, rollout, self.config.temperature)
+            if not prefix_sharing.agrees(shared, plain, next(self.backbone.model.parameters()).dtype):
+                reason = f"packed log-probs differ from the plain ones by {(shared - plain).abs().max().item():.2g}"
+                self.share_prefix = False
+        if verbose:
+            print("perlhf: each prompt's forward pass is shared by its group of samples (prefix sharing, checked "
+                  "equal on the first rollout; --share-prefix false turns it off)" if reason is None else
+                  f"perlhf: prefix sharing is off for this model: {reason}")
+
     def policy_logprobs(self, rollout: Rollout, with_entropy: bool = False, train: bool = False):
         with self.backbone.role("policy", train=train):
-            return response_logprobs(self.backbone.model, rollout, self.config.temperature, with_entropy)
+            return response_logprobs(self.backbone.model, rollout, self.config.temperature, with_entropy,
+                                     self.packed(rollout))
 
     def reference_logprobs(self, rollout: Rollout) -> torch.Tensor:
         with torch.no_grad(), self.backbone.role(self.reference):
-            return response_logprobs(self.backbone.model, rollout, self.config.temperature)
+            return response_logprobs(self.backbone.model, rollout, self.config.temperature,
+                                     packed=self.packed(rollout))
 
     def values(self, rollout: Rollout, train: bool = False) -> torch.Tensor:
         with self.backbone.role("value", train=train):
-            return response_values(self.backbone.model, self.backbone.heads["value"], rollout)
+            return response_values(self.backbone.model, self.backbone.heads["value"], rollout, self.packed(rollout))
 
     def prompt_values(self, rollout: Rollout, train: bool = False) -> torch.Tensor:
         with self.backbone.role("value", train=train):
-            return prompt_values(self.backbone.model, self.backbone.heads["value"], rollout)
+            return prompt_values(self.backbone.model, self.backbone.heads["value"], rollout, bool(self.share_prefix))
 
     def backward(self, role: str, loss: torch.Tensor) -> None:
         """Backward inside the role that ran the forward: gradient checkpointing recomputes each layer during
@@ -335,6 +376,16 @@ def _policy_logprobs(roles: Roles, batch: Batch, index: torch.Tensor) -> torch.T
     if batch.live_logp is not None:  # one pass over the whole batch: the sampling-time forward is this one
         return batch.live_logp[index]
     return roles.policy_logprobs(batch.rollout.select(index), train=True)
+
+
+def compute_shares(rollout: Rollout, packed: PackedRollout | None) -> dict[str, float]:
+    """Where the passes over a rollout spend their compute: the share of padded positions, and the share of the
+    sequences' tokens that prefix sharing did not need to compute."""
+    real = int(rollout.attention_mask.sum())
+    if packed is None:
+        return {"perf/padding_share": 1 - real / rollout.input_ids.numel(), "perf/prefix_saved_share": 0.0}
+    return {"perf/padding_share": 1 - packed.tokens / packed.input_ids.numel(),
+            "perf/prefix_saved_share": 1 - packed.tokens / packed.plain_tokens}
 
 
 def reuses_sampling_pass(config: RLConfig) -> bool:
@@ -514,6 +565,7 @@ def train_policy(config: RLConfig) -> dict:
                 rollout = generate(roles.backbone.model, tokenizer, [encoded[i] for i, _ in chosen],
                                    config.max_new_tokens, config.temperature, seeds)
             timings["time/generate"] = time.perf_counter() - tick
+            roles.decide_sharing(rollout, verbose=main)
 
             tick = time.perf_counter()
             with torch.no_grad():
@@ -528,6 +580,7 @@ def train_policy(config: RLConfig) -> dict:
             timings["time/reference"] = time.perf_counter() - tick
 
             mask = rollout.response_mask
+            shares = compute_shares(rollout, roles.packed(rollout))
             kl = obj.kl_per_token(old_logp, ref_logp, config.kl_estimator) * mask
             rewards = obj.missing_eos_penalized(scores, rollout.ended, config.missing_eos_penalty)
             returns = obj.sequence_returns(rewards, kl, mask, kl_control.coef)
@@ -553,6 +606,7 @@ def train_policy(config: RLConfig) -> dict:
                 "policy/response_length": parallel.global_mean(lengths),
                 "policy/eos_rate": parallel.global_mean(rollout.ended.float()),
                 "perf/tokens_per_second": tokens / max(elapsed, 1e-9),
+                **{name: parallel.global_mean(torch.tensor([share])) for name, share in shares.items()},
                 "memory/peak_mb": peak_memory_mb(accelerator.device),
                 "train/skipped_steps": guard.skipped,
                 **update_stats, **timings,
