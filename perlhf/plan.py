@@ -320,6 +320,14 @@ def plan(config: PlanConfig) -> dict:
                    "rollout (max of generation's KV cache and the update's activations)": max(generation, update)}
         extra = {"generation KV cache": kv_cache, "update activations and logits": update}
         other = None
+    if config.quantize and config.device == "cpu":
+        # bitsandbytes quantizes as the weights load from the mapped file, whose pages stay resident until the load
+        # ends (perlhf.models.own_unquantized_weights then lets the mapping go): a peak of its own, before training
+        stored = getattr(model_config.get_text_config(), "dtype", None) or getattr(model_config, "torch_dtype", None)
+        stored = getattr(torch, stored) if isinstance(stored, str) else stored
+        file_bytes = total_params * torch.tensor([], dtype=stored or dtype).element_size()
+        perlhf["loading: the weights file, read while quantizing (beyond the run's own peak)"] = max(
+            0.0, weights + file_bytes - sum(perlhf.values()))
     if config.fsdp:  # the classic layout sharded too (ZeRO-3 / FSDP, as its tools run it): all but the activations
         classic = {part: size / config.processes if "weights" in part else size for part, size in classic.items()}
     limit = parse_memory(config.memory) if config.memory else None

@@ -86,6 +86,23 @@ def test_a_4bit_plan_counts_the_quantized_weights(models):
     assert planned["perlhf"]["weights"] == pytest.approx(real, rel=0.05)
 
 
+def test_a_quantized_cpu_plan_counts_the_weights_file_read_while_quantizing(models):
+    """On CPU the weights file stays resident while bitsandbytes quantizes from it: the load's own peak is the file
+    plus the quantized weights, planned as the part beyond the run's peak (none when training needs more)."""
+    from pathlib import Path
+
+    part = "loading: the weights file, read while quantizing (beyond the run's own peak)"
+    llama_8b = str(Path(__file__).resolve().parents[1] / "benchmarks" / "configs" / "llama-3-8b")  # saved in bf16
+    small = dict(model=llama_8b, task="rl", quantize="4bit", batch_size=1, max_prompt_length=8, max_new_tokens=4,
+                 dtype="bfloat16")
+    on_cpu = plan(PlanConfig(device="cpu", **small))
+    assert on_cpu["perlhf"]["total"] == pytest.approx(on_cpu["perlhf"]["weights"] + 2 * on_cpu["parameters"])
+    assert part not in plan(PlanConfig(device="cuda", **small))["perlhf"]  # host pages, not GPU memory
+    big = plan(PlanConfig(model=models["llama"], task="rm", quantize="4bit", device="cpu", batch_size=64,
+                          max_length=512))["perlhf"]
+    assert big[part] == 0  # the tiny model's activations outweigh its file
+
+
 def test_the_plan_says_whether_it_fits(models, capsys):
     from perlhf.cli import main
 
