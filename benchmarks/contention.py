@@ -2,6 +2,7 @@
 each CPU thread policy, in one run.
 
   python benchmarks/contention.py                        # a short `perlhf rm train`, ~6 min
+  python benchmarks/contention.py --workload generate    # sampling as RL does it, ~6 min
   python benchmarks/contention.py --workload demo        # `perlhf demo --quick`, ~20 min
 
 A fair share of 2 cores with one other busy process is about 1.5x the time alone (3 busy threads on 2 cores).
@@ -11,7 +12,9 @@ core runs someone else's work burns the time its sibling needs. Policies:
   spin      OMP_WAIT_POLICY=ACTIVE: threads spin at every barrier
   libgomp   libgomp's default (it spins a while, then sleeps)
   short spin  libgomp's default with GOMP_SPINCOUNT=10000 (its default is 300000)
-  passive   OMP_WAIT_POLICY=PASSIVE: threads sleep at once (perlhf's default, see perlhf/__init__.py)
+  perlhf    the environment without OMP_WAIT_POLICY: perlhf's own choice (perlhf/__init__.py): PASSIVE when the
+            machine is busy as it starts, libgomp's default otherwise
+  passive   OMP_WAIT_POLICY=PASSIVE: threads sleep at once
   1 thread  OMP_NUM_THREADS=1
 
 Each (policy, alone | contended) runs in a fresh process; the runs alternate to spread drift. Measure on an
@@ -34,13 +37,26 @@ from _common import machine, versions, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 # "libgomp": an empty OMP_WAIT_POLICY, which libgomp ignores (with a warning) and perlhf does not replace
-POLICIES = {"spin": {"OMP_WAIT_POLICY": "ACTIVE"}, "libgomp": {"OMP_WAIT_POLICY": ""},
+POLICIES = {"perlhf": {}, "spin": {"OMP_WAIT_POLICY": "ACTIVE"}, "libgomp": {"OMP_WAIT_POLICY": ""},
             "short spin": {"OMP_WAIT_POLICY": "", "GOMP_SPINCOUNT": "10000"},
             "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
             "1 thread": {"OMP_NUM_THREADS": "1"}}
 
 
+GENERATE = """
+from perlhf.models import load_model
+from perlhf.rl.rollout import encode_prompts, generate
+lm = load_model(device="cpu")
+prompts = [[{"role": "user", "content": f"Tell me something about topic {i}, in a few sentences."}] for i in range(16)]
+ids, _ = encode_prompts(lm.tokenizer, prompts, 64)
+for _ in range(3):
+    generate(lm.model, lm.tokenizer, ids, 48, 1.0, list(range(16)))
+"""
+
+
 def workload(kind: str, work: Path, steps: int) -> list[str]:
+    if kind == "generate":  # RL's sampling: 3 x 16 prompts x 48 new tokens, many small operations per token
+        return [sys.executable, "-c", GENERATE]
     if kind == "demo":
         return [sys.executable, "-m", "perlhf.cli", "demo", "--quick", "--output-dir", str(work / "demo")]
     pairs = work / "pairs.jsonl"
@@ -58,6 +74,7 @@ def workload(kind: str, work: Path, steps: int) -> list[str]:
 
 def timed(command: list[str], env: dict, contended: bool) -> dict:
     contender = (subprocess.Popen([sys.executable, "-c", "while True: pass"]) if contended else None)
+    time.sleep(2 if contended else 0)  # running before the workload starts, as a neighbour's job would be
     started = time.perf_counter()
     try:
         done = subprocess.run(command, env=env, capture_output=True, text=True)
@@ -74,7 +91,7 @@ def timed(command: list[str], env: dict, contended: bool) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workload", choices=["rm", "demo"], default="rm")
+    parser.add_argument("--workload", choices=["rm", "generate", "demo"], default="rm")
     parser.add_argument("--steps", type=int, default=12, help="rm workload: optimizer steps")
     parser.add_argument("--policies", nargs="+", choices=list(POLICIES), default=list(POLICIES))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "contention.json"))
@@ -97,7 +114,8 @@ def main() -> int:
                      "~1.5x |")
     report = {"command": shlex.join(["python", *sys.argv]), "workload": shlex.join(command), "machine": machine(),
               "versions": versions(), "load_average_before": load_before, "rows": rows}
-    text = "\n".join([f"`{report['command']}` (workload: `{' '.join(command[2:6])} ...`)", ""] + table) + "\n"
+    what = "generate 3 x 16 prompts x 48 tokens" if args.workload == "generate" else " ".join(command[2:6]) + " ..."
+    text = "\n".join([f"`{report['command']}` (workload: `{what}`)", ""] + table) + "\n"
     print(text)
     write_report(Path(args.out), report, text)
     return 0

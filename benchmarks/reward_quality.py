@@ -38,6 +38,7 @@ RECIPES: dict[str, tuple[Path, dict]] = {
     "previous-defaults": (HH, {"lora_target": "attention", "lora_rank": 8, "lora_alpha": 16.0, "learning_rate": 2e-4}),
     "full": (HH, {"full": True}),
     "defaults-4bit": (HH, {"quantize": "4bit"}),  # the same recipe on a 4-bit frozen base
+    "defaults-unshared": (HH, {"share_prefix": False}),  # prefix sharing off: the accuracy must not change
     "full-lr3e-5": (HH, {"full": True, "learning_rate": 3e-5}),
     "all-r16-lr2e-4": (HH, {"lora_target": "all-linear", "lora_rank": 16, "lora_alpha": 32.0, "learning_rate": 2e-4}),
     "all-r16-lr5e-4": (HH, {"lora_target": "all-linear", "lora_rank": 16, "lora_alpha": 32.0, "learning_rate": 5e-4}),

@@ -268,6 +268,9 @@ def load_model(
 
 def cpu_threads() -> str:
     """How many CPU threads torch computes with, and how they wait (see perlhf/__init__.py)."""
-    policy = os.environ.get("OMP_WAIT_POLICY") or "libgomp's default"
-    return (f"{torch.get_num_threads()} CPU threads (OMP_NUM_THREADS to change), waiting {policy.lower()} at "
-            "barriers (OMP_WAIT_POLICY)")
+    import perlhf
+
+    policy = os.environ.get("OMP_WAIT_POLICY")
+    how = ("sleeping at barriers, as another process was computing at start" if perlhf.chose_passive_wait else
+           f"waiting {policy.lower()} at barriers" if policy else "spinning briefly at barriers (libgomp's default)")
+    return f"{torch.get_num_threads()} CPU threads (OMP_NUM_THREADS to change), {how} (OMP_WAIT_POLICY to change)"

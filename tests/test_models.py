@@ -1,5 +1,7 @@
 """Model loading: the embedded default (real SmolLM2 weights), local directories, and refusals."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -55,3 +57,27 @@ def test_real_default_model_loads_and_knows_things(capsys):
                                                return_dict=True)["input_ids"]
     out = loaded.model.generate(ids, max_new_tokens=12, do_sample=False)
     assert "Paris" in loaded.tokenizer.decode(out[0, ids.shape[1]:])
+
+
+@pytest.mark.skipif(not Path("/proc/loadavg").exists(), reason="reads /proc/loadavg (Linux)")
+def test_openmp_threads_sleep_at_barriers_when_another_process_computes_at_start():
+    """perlhf/__init__.py: beside a busy process, PASSIVE (contention then costs about a fair share, see
+    benchmarks/contention.py); a value the user set wins."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    probe = [sys.executable, "-c", "import os, perlhf; print(os.environ.get('OMP_WAIT_POLICY'), perlhf.chose_passive_wait)"]
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        chosen = subprocess.run(probe, env=env, capture_output=True, text=True, check=True).stdout.split()
+        kept = subprocess.run(probe, env={**env, "OMP_WAIT_POLICY": "ACTIVE"}, capture_output=True, text=True,
+                              check=True).stdout.split()
+    finally:
+        busy.kill()
+        busy.wait()
+    assert chosen == ["PASSIVE", "True"]
+    assert kept == ["ACTIVE", "False"]
