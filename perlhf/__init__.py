@@ -3,8 +3,8 @@
 __version__ = "0.1.0"
 
 import os
+import sys
 import warnings
-
 
 
 def _machine_busy(samples: int = 5) -> bool:
@@ -28,8 +28,8 @@ def _machine_busy(samples: int = 5) -> bool:
 # as long beside one busy process, and sleeping at once (PASSIVE) keeps that near a fair share. On a quiet machine
 # spinning is faster (generation 1.35x, a reward-model step 1.1-1.2x; benchmarks/contention.py), so threads sleep
 # only where the machine is busy when perlhf starts. libgomp reads this when torch loads it, so it is set before
-# torch is imported; a value in the environment wins.
-chose_passive_wait = "OMP_WAIT_POLICY" not in os.environ and _machine_busy()
+# torch is imported (once torch is loaded it has no effect, so perlhf does not look); a value in the environment wins.
+chose_passive_wait = "OMP_WAIT_POLICY" not in os.environ and "torch" not in sys.modules and _machine_busy()
 if chose_passive_wait:
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 

@@ -86,9 +86,11 @@ def keeps_logits(model: nn.Module) -> bool:
     return "logits_to_keep" in inspect.signature(causal_lm(model).forward).parameters
 
 
-def last_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def last_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Final hidden states [B, T, H]. Skips the LM head: a reward or value model does not need the vocab logits."""
-    return transformer_body(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    return transformer_body(model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                   use_cache=False).last_hidden_state
 
 
 def last_token_scores(hidden: torch.Tensor, head: nn.Module, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -61,12 +61,10 @@ class PackedBatch:
     attention_mask: torch.Tensor  # [B, 1, T, T]: bool (True = attend) for SDPA, additive float for eager
     ends: torch.Tensor  # [B, k]: the row index of each branch's last token
     tokens: int  # real tokens in the rows (what is computed)
-    width: int
 
 
 def pad_packed(rows: list[PackedRow], pad_id: int, device, attention: str, dtype: torch.dtype) -> PackedBatch:
-    """Right-pad packed rows and build their block-causal mask. A padding token attends to itself only, so its
-    (unused) hidden state stays finite: a masked key still multiplies its value by zero, and 0 * NaN is NaN."""
+    """Right-pad packed rows and build their block-causal mask."""
     width = max(len(r.tokens) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     positions = torch.zeros((len(rows), width), dtype=torch.long)
@@ -76,24 +74,32 @@ def pad_packed(rows: list[PackedRow], pad_id: int, device, attention: str, dtype
         ids[i, :n] = torch.tensor(row.tokens)
         positions[i, :n] = torch.tensor(row.positions)
         branch[i, :n] = torch.tensor(row.branch)
-    query, key = branch[:, :, None], branch[:, None, :]
-    causal = torch.ones(width, width, dtype=torch.bool).tril()
-    visible = causal & (query >= 0) & ((key == query) | (key == 0))
-    visible |= torch.eye(width, dtype=torch.bool)  # padding sees itself
-    mask = visible[:, None]
-    if attention == "eager":
-        mask = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
+    mask = block_causal_mask(branch, attention, dtype)
     branches = max(len(r.ends) for r in rows)  # rows with fewer branches repeat their last (the caller drops it)
     ends = torch.tensor([r.ends + r.ends[-1:] * (branches - len(r.ends)) for r in rows], dtype=torch.long)
     return PackedBatch(ids.to(device), positions.to(device), mask.to(device), ends.to(device),
-                       sum(len(r.tokens) for r in rows), width)
+                       sum(len(r.tokens) for r in rows))
+
+
+def block_causal_mask(branch: torch.Tensor, attention: str, dtype: torch.dtype) -> torch.Tensor:
+    """[B, 1, W, W] from each position's branch [B, W] (0 the shared prefix, 1..k a branch, -1 padding): causal,
+    each branch sees the prefix and itself. A padding token attends to itself only, so its (unused) hidden state
+    stays finite: a masked key still multiplies its value by zero, and 0 * NaN is NaN. Bool (True = attend) for
+    SDPA, additive float for eager attention."""
+    width = branch.size(1)
+    query, key = branch[:, :, None], branch[:, None, :]
+    visible = torch.ones(width, width, dtype=torch.bool).tril() & (query >= 0) & ((key == query) | (key == 0))
+    mask = (visible | torch.eye(width, dtype=torch.bool))[:, None]
+    if attention == "eager":
+        mask = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
+    return mask
 
 
 def sharing_failure(model: torch.nn.Module, max_length: int) -> str | None:
     """Why prefix sharing would not be exact on this model, or None where it is (then the equality check at
     first use confirms it on real inputs)."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    attention = getattr(config, "_attn_implementation", None) or "eager"
+    config = _text_config(model)
+    attention = attention_of(model)
     if attention not in ("sdpa", "eager"):
         return f"attention implementation {attention!r} takes no custom mask"
     window = getattr(config, "sliding_window", None)
@@ -106,8 +112,11 @@ def sharing_failure(model: torch.nn.Module, max_length: int) -> str | None:
 
 
 def attention_of(model: torch.nn.Module) -> str:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return getattr(config, "_attn_implementation", None) or "eager"
+    return getattr(_text_config(model), "_attn_implementation", None) or "eager"
+
+
+def _text_config(model: torch.nn.Module):
+    return model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
 
 
 def agrees(shared: torch.Tensor, plain: torch.Tensor, dtype: torch.dtype) -> bool:
@@ -163,12 +172,7 @@ def pack_rollout(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_i
             branch[g, start:start + width][response_real[b]] = k + 1
             row[b] = g
             before[b] = torch.cat([torch.tensor([prompt_width - 1]), start + offsets[:-1]])
-    query, key = branch[:, :, None], branch[:, None, :]
-    visible = torch.ones(columns, columns, dtype=torch.bool).tril() & (query >= 0) & ((key == query) | (key == 0))
-    visible |= torch.eye(columns, dtype=torch.bool)
-    mask = visible[:, None]
-    if attention == "eager":
-        mask = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
+    mask = block_causal_mask(branch, attention, dtype)
     device = response_mask.device
     plain = int(prompt_mask.sum()) + int(response_real.sum())
     return PackedRollout(ids.to(device), positions.to(device), mask.to(device), row.to(device), before.to(device),

@@ -117,12 +117,11 @@ class RewardModel(nn.Module):
                 ends: torch.Tensor | None = None) -> torch.Tensor:
         """Scores [B] at each row's last real token; packed rows (prefix_sharing: a 4D mask, position ids and the
         branches' `ends` [B, k]) give scores [B, k], one per branch."""
-        from perlhf.backbone import last_hidden, last_token_scores, transformer_body
+        from perlhf.backbone import last_hidden, last_token_scores
 
+        hidden = last_hidden(self.body, input_ids, attention_mask, position_ids)
         if ends is None:
-            return last_token_scores(last_hidden(self.body, input_ids, attention_mask), self.head, attention_mask)
-        hidden = transformer_body(self.body)(input_ids=input_ids, attention_mask=attention_mask,
-                                             position_ids=position_ids, use_cache=False).last_hidden_state
+            return last_token_scores(hidden, self.head, attention_mask)
         picked = hidden[torch.arange(hidden.size(0), device=hidden.device)[:, None], ends]
         return self.head(picked.to(self.head.weight.dtype)).squeeze(-1).float()
 

@@ -37,7 +37,7 @@ def test_pack_and_mask_by_hand():
     batch = prefix_sharing.pad_packed([row, short], pad_id=0, device="cpu", attention="sdpa", dtype=torch.float32)
     assert batch.input_ids.tolist() == [[5, 6, 7, 8, 9], [1, 2, 3, 4, 0]]
     assert batch.position_ids.tolist() == [[0, 1, 2, 3, 2], [0, 1, 0, 1, 0]]
-    assert batch.ends.tolist() == [[3, 4], [1, 3]] and batch.tokens == 9 and batch.width == 5
+    assert batch.ends.tolist() == [[3, 4], [1, 3]] and batch.tokens == 9 and batch.input_ids.size(1) == 5
     expected_first = [[1, 0, 0, 0, 0],   # prefix token 0
                       [1, 1, 0, 0, 0],   # prefix token 1
                       [1, 1, 1, 0, 0],   # chosen 7 sees the prefix and itself

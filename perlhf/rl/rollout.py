@@ -13,7 +13,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, TopPLogitsWarper
 
 from perlhf import parallel
-from perlhf.backbone import causal_lm, keeps_logits, transformer_body
+from perlhf.backbone import causal_lm, keeps_logits, last_hidden
 from perlhf.prefix_sharing import PackedRollout
 from perlhf.rl.objectives import log_normaliser, token_logprobs
 
@@ -182,8 +182,7 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
 
 def _hidden(model, rollout: Rollout) -> torch.Tensor:
     mask = rollout.attention_mask
-    return transformer_body(model)(input_ids=rollout.input_ids, attention_mask=mask, position_ids=_positions(mask),
-                                   use_cache=False).last_hidden_state
+    return last_hidden(model, rollout.input_ids, mask, _positions(mask))
 
 
 def response_logits(model, rollout: Rollout) -> torch.Tensor:
@@ -264,8 +263,7 @@ def response_values(model, head: torch.nn.Module, rollout: Rollout, packed: Pack
         start = rollout.prompt_ids.size(1)
         states = hidden[:, start - 1:-1]
     else:
-        hidden = transformer_body(model)(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
-                                         position_ids=packed.position_ids, use_cache=False).last_hidden_state
+        hidden = last_hidden(model, packed.input_ids, packed.attention_mask, packed.position_ids)
         states = hidden[packed.row[:, None], packed.before]
     return head(states.to(head.weight.dtype)).squeeze(-1).float()
 
@@ -277,8 +275,7 @@ def prompt_values(model, head: torch.nn.Module, rollout: Rollout, share_prefix: 
     if share_prefix:
         ids, rows = torch.unique(torch.cat([ids, mask], dim=1), dim=0, return_inverse=True)
         ids, mask = ids[:, :mask.size(1)], ids[:, mask.size(1):]
-    hidden = transformer_body(model)(input_ids=ids, attention_mask=mask, position_ids=_positions(mask),
-                                     use_cache=False).last_hidden_state
+    hidden = last_hidden(model, ids, mask, _positions(mask))
     values = head(hidden[:, -1].to(head.weight.dtype)).squeeze(-1).float()
     return values if rows is None else values[rows]
 
