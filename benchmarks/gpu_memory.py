@@ -61,7 +61,7 @@ def child(model_config: str, quantize: str | None, args) -> dict:
     config = RLConfig(model=str(model_dir), reward_model=str(rm_dir), prompts=str(root / "prompts.txt"),
                       output_dir=str(root / f"rl-{tag}"), max_steps=args.steps, batch_size=args.batch,
                       max_prompt_length=args.prompt_length, max_new_tokens=args.new_tokens, save_steps=args.steps,
-                      device=args.device, quantize=quantize, overwrite_output_dir=True)
+                      device=args.device, quantize=quantize, overwrite_output_dir=True, gradient_checkpointing=True)
     predicted = for_run(config, "rl", device, config.gradient_checkpointing, batch_size=config.batch_size,
                         max_prompt_length=config.max_prompt_length, max_new_tokens=config.max_new_tokens,
                         algorithm=config.algorithm)["perlhf"]["total"]

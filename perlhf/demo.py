@@ -280,7 +280,8 @@ def run_demo(config: DemoConfig) -> dict:
     stage(f"evaluating the policy against {anchor_name} on held-out prompts")
     evaluation = evaluate_policy(EvalConfig(
         policy=str(run / "policy_run"), prompts=str(data / "eval_prompts.jsonl"), judges=["gold"],
-        num_prompts=n_eval, max_new_tokens=sizes["new_tokens"], output_dir=str(run), device=config.device,
+        num_prompts=n_eval, batch_size=n_eval,  # one batch: CPU decoding is step-bound, 48 rows cost ~2x 16
+        max_new_tokens=sizes["new_tokens"], output_dir=str(run), device=config.device,
         dtype=config.dtype, seed=config.seed + 1))
     evaluation["reward_model_accuracy"] = rm["final"].get("eval/accuracy")
     if sft_summary is not None:

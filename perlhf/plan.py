@@ -430,27 +430,42 @@ def choose_checkpointing(config, task: str, device: torch.device, verbose: bool)
         if verbose and chosen:
             print(f"perlhf: gradient checkpointing on: without it the run would need "
                   f"{without['total'] / GIB:.1f} GiB, more than the {room / GIB:.1f} GiB it may plan for "
-                  "here (--no-gradient-checkpointing to turn it off)")
+                  "here (--gradient-checkpointing false to turn it off)")
     if verbose:
         print(expected_peak_line(with_checkpointing if chosen else without))
     return chosen
 
 
-def say_rl_plan(config, device: torch.device, verbose: bool) -> None:
-    """The expected peak of an RL run, printed at its start; on a CPU where it would take more than half the free
-    RAM, freed memory is returned to the system (as in choose_checkpointing)."""
+def choose_rl_checkpointing(config, device: torch.device, verbose: bool) -> bool:
+    """--gradient-checkpointing for RL when asked; by default on only when the run would not fit without it, by
+    the rule of `choose_checkpointing`. Prints the expected peak; where memory is tight on a CPU, freed memory is
+    returned to the system (as there)."""
+    chosen = config.gradient_checkpointing
     try:
-        result = for_run(config, "rl", device, config.gradient_checkpointing, batch_size=config.batch_size,
-                         max_prompt_length=config.max_prompt_length, max_new_tokens=config.max_new_tokens,
-                         samples_per_prompt=config.samples_per_prompt, algorithm=config.algorithm)
+        planned = {checkpointing: for_run(config, "rl", device, checkpointing, batch_size=config.batch_size,
+                                          max_prompt_length=config.max_prompt_length,
+                                          max_new_tokens=config.max_new_tokens,
+                                          samples_per_prompt=config.samples_per_prompt,
+                                          algorithm=config.algorithm)["perlhf"]
+                   for checkpointing in (False, True)}
     except Exception as err:  # advice only, as in choose_checkpointing
         if verbose:
-            print(f"perlhf: no memory plan for {config.model} ({type(err).__name__}: {err})")
-        return
-    if device.type == "cpu" and parallel.any_process(result["perlhf"]["total"] > memory_to_plan_for(device)):
+            print(f"perlhf: no memory plan for {config.model} ({type(err).__name__}: {err}); gradient "
+                  f"checkpointing {'off' if chosen is False else 'on'}")
+        return chosen is not False
+    room = memory_to_plan_for(device)
+    tight = parallel.any_process(planned[False]["total"] > room)
+    if chosen is None:
+        chosen = tight
+        if verbose and chosen:
+            print(f"perlhf: gradient checkpointing on: without it the run would need "
+                  f"{planned[False]['total'] / GIB:.1f} GiB, more than the {room / GIB:.1f} GiB it may plan for "
+                  "here (--gradient-checkpointing false to turn it off)")
+    if device.type == "cpu" and parallel.any_process(planned[chosen]["total"] > room):
         _return_freed_memory(verbose)
     if verbose:
-        print(expected_peak_line(result["perlhf"]))
+        print(expected_peak_line(planned[chosen]))
+    return chosen
 
 
 def _return_freed_memory(verbose: bool) -> None:

@@ -140,15 +140,43 @@ def test_gradient_checkpointing_recomputes_under_the_role_that_ran_the_forward(t
 
 
 @pytest.mark.parametrize("algorithm", ["reinforce", "rloo"])
-def test_reusing_the_sampling_pass_gives_the_same_update(algorithm, setup, tmp_path):
-    """REINFORCE/RLOO with gradient checkpointing reuse the sampling-time forward; without it they run a second
-    forward in the update. Both must train the same adapter."""
+def test_reusing_the_sampling_pass_gives_the_same_update(algorithm, setup, tmp_path, monkeypatch):
+    """REINFORCE/RLOO reuse the sampling-time forward, with or without gradient checkpointing; with the reuse
+    turned off they run a second forward in the update. All three must train the same adapter."""
     from safetensors.torch import load_file
 
+    import perlhf.rl.trainer as trainer
+
     runs = {}
-    for checkpointing in (True, False):
-        out = tmp_path / f"{algorithm}-{checkpointing}"
+    for name, checkpointing, reuse in (("reused, checkpointing", True, True), ("reused", False, True),
+                                       ("second forward", False, False)):
+        out = tmp_path / f"{algorithm}-{checkpointing}-{reuse}"
+        monkeypatch.setattr(trainer, "reuses_sampling_pass", trainer.reuses_sampling_pass if reuse else lambda c: False)
         train_policy(rl_config(setup, out, algorithm=algorithm, gradient_checkpointing=checkpointing))
-        runs[checkpointing] = load_file(str(out / "policy" / "adapter_model.safetensors"))
-    assert runs[True].keys() == runs[False].keys()
-    assert all(torch.allclose(runs[True][k], runs[False][k], atol=1e-5) for k in runs[True])
+        runs[name] = load_file(str(out / "policy" / "adapter_model.safetensors"))
+    reference = runs["second forward"]
+    for name, weights in runs.items():
+        assert weights.keys() == reference.keys()
+        assert all(torch.allclose(weights[k], reference[k], atol=1e-5) for k in reference), name
+
+
+def test_rl_turns_checkpointing_on_only_when_the_run_would_not_fit(setup, tmp_path, monkeypatch, capsys):
+    """As `rm train`: by default the plan decides, and the run says what it expects to use."""
+    import perlhf.models
+    import perlhf.plan as planning
+
+    monkeypatch.setattr(perlhf.models, "return_freed_memory", lambda: None)  # the fixed threshold would slow later tests
+
+    def run(name: str, **options) -> tuple[str, str]:
+        train_policy(rl_config(setup, tmp_path / name, max_steps=1, **options))
+        return capsys.readouterr().out, (tmp_path / name / "training_config.yaml").read_text()
+
+    out, saved = run("roomy")
+    assert "gradient checkpointing on" not in out and "expected peak memory" in out
+    assert "gradient_checkpointing: false" in saved
+    monkeypatch.setattr(planning, "available_memory", lambda device: 0.001 * planning.GIB)
+    out, saved = run("tight")
+    assert "gradient checkpointing on: without it the run would need" in out
+    assert "gradient_checkpointing: true" in saved
+    out, saved = run("asked", gradient_checkpointing=False)  # an explicit choice is kept
+    assert "gradient_checkpointing: false" in saved

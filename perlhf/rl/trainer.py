@@ -55,8 +55,9 @@ class RLConfig:
     lora_rank: int = field(8, "policy and value LoRA rank")
     lora_alpha: float = field(16.0, "LoRA alpha")
     lora_target: str = field("attention", "attention, all-linear, or comma-separated module names")
-    gradient_checkpointing: bool = field(True, "recompute activations in backward: much less memory; for reinforce "
-                                               "and rloo in one pass it costs no time (the sampling-time pass is reused)")
+    gradient_checkpointing: bool | None = field(None, "recompute activations in backward: much less memory, a third "
+                                                      "more compute; default: on when the run would not fit "
+                                                      "otherwise (perlhf plan)")
     kl_coef: float = field(0.05, "KL penalty coefficient (the paper's 0.05)")
     kl_estimator: str = field("k1", "k1 or k3")
     target_kl: float | None = field(None, "adapt the KL coefficient towards this summed KL per response")
@@ -390,10 +391,11 @@ def compute_shares(rollout: Rollout, packed: PackedRollout | None) -> dict[str, 
 
 def reuses_sampling_pass(config: RLConfig) -> bool:
     """REINFORCE and RLOO with one epoch over one mini-batch update the same weights that scored the samples,
-    so the log-probs at sampling time, kept with their graph, are the update's forward pass. That graph is small
-    only with gradient checkpointing (it lives through the reference and value passes)."""
+    so the log-probs at sampling time, kept with their graph, are the update's forward pass: one forward less. The
+    graph lives through the reward and reference passes (no graph of their own) and beside the value's, which
+    covers the prompts alone, so the peak stays about the update's own, with or without checkpointing."""
     rollout = config.batch_size * config.samples_per_prompt
-    return (config.gradient_checkpointing and config.algorithm in ("reinforce", "rloo") and config.update_epochs == 1
+    return (config.algorithm in ("reinforce", "rloo") and config.update_epochs == 1
             and (config.mini_batch_size or rollout) >= rollout)
 
 
@@ -420,7 +422,7 @@ def train_policy(config: RLConfig) -> dict:
     from perlhf.guards import NonFiniteGuard, StopRequest, prepare_run_dir, writing
     from perlhf.metrics import MetricsLogger, peak_memory_mb
     from perlhf.models import load_model
-    from perlhf.plan import say_rl_plan
+    from perlhf.plan import choose_rl_checkpointing
 
     accelerator = Accelerator(cpu=config.device == "cpu")
     main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
@@ -458,7 +460,7 @@ def train_policy(config: RLConfig) -> dict:
               f"(max |error| {logit_error:.1e} nats); sampling softmax(logits / {config.temperature:g})"
               + ("; not applied from the model's generation_config.json: "
                  + ", ".join(f"{k}={v}" for k, v in ignored.items()) if ignored else ""))
-    say_rl_plan(config, accelerator.device, main)
+    config.gradient_checkpointing = choose_rl_checkpointing(config, accelerator.device, main)
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(loaded.model)
     single_pass = reuses_sampling_pass(config)
