@@ -154,7 +154,7 @@ class DemoConfig:
     dtype: str | None = field(None, "default: bf16 on CUDA, fp32 on CPU")
 
     def sizes(self) -> dict:
-        # Sized for a 2-core CPU (11-13 minutes measured; --quick about 2): enough pairs
+        # Sized for a 2-core CPU (11-17 minutes measured, more on a slow host; --quick about 2): enough pairs
         # for the reward model to beat the prefer-the-shorter baseline, and enough RL steps to move the policy.
         if self.quick:
             return {"rm_prompts": 32, "eval_prompts": 16, "new_tokens": 32, "rm_steps": 10, "rl_steps": 4, "rl_batch": 8,

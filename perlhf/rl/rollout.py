@@ -135,12 +135,6 @@ def ignored_generation_settings(model) -> dict:
     return {k: v for k, v in shipped.items() if k not in _NEUTRAL_GENERATION_FIELDS}
 
 
-# A KV cache allocated once for prompt + max_new_tokens: a growing cache copies every layer's keys and values at each
-# step (on CPU, 16 x 48 tokens of SmolLM2 sampled 19% faster with it, benchmarks/README.md). transformers uses a
-# growing cache instead for a model whose cache is not a `Cache`.
-CACHE = {"use_cache": True, "cache_implementation": "static"}
-
-
 @contextmanager
 def _only_perlhf_generation_settings(model):
     # generate() fills every field left unset from the model's generation_config.json; with a bare config in
@@ -171,7 +165,7 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int,
         seeds = seeds if seeds is not None else torch.randint(0, 2**62, (len(prompt_ids),)).tolist()
         processors.append(SeededSampler(temperature, seeds, device, top_p))
     generation = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos,
-                                  pad_token_id=tokenizer.pad_token_id, **CACHE)
+                                  pad_token_id=tokenizer.pad_token_id, use_cache=True)
     was_training = model.training
     model.eval()
     with _only_perlhf_generation_settings(model):
@@ -252,7 +246,7 @@ def check_logprobs_match_sampler(model, tokenizer, prompt_ids: list[int], new_to
     device = next(model.parameters()).device
     ids, mask = pad_left([prompt_ids], tokenizer.pad_token_id, device)
     generation = GenerationConfig(do_sample=False, max_new_tokens=new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                  output_logits=True, return_dict_in_generate=True, **CACHE)
+                                  output_logits=True, return_dict_in_generate=True, use_cache=True)
     with _only_perlhf_generation_settings(model):
         out = model.generate(input_ids=ids, attention_mask=mask, generation_config=generation)
     response = out.sequences[:, ids.size(1):]
