@@ -52,8 +52,8 @@ def main() -> None:
                         times.setdefault((rows, name), []).append(time.perf_counter() - started)
                     print(f"{rows} rows, {name}: {time.perf_counter() - started:.2f} s, "
                           f"{int(out.response_mask.sum())} tokens", flush=True)
-    sampler_table(args.rows, loaded.model.config.vocab_size, rollout.SeededSampler)
     rollout.GenerationConfig = plain
+    sampler_table(args.rows, loaded.model.config.vocab_size, rollout.SeededSampler)
     print(f"\n| rows x new tokens | {' | '.join(caches)} | static / growing |\n|---|" + "---:|" * (len(caches) + 1))
     for rows in args.rows:
         medians = [statistics.median(times[(rows, name)]) for name in caches]

@@ -28,7 +28,8 @@ from perlhf.metrics import read_metrics
 REPO = Path(__file__).resolve().parents[1]
 # Two processes sum gradients in another order than one. AdamW's first steps divide each gradient by its own
 # magnitude, so on an entry whose gradient is all rounding (PPO's first policy loss is ~1e-8: its ratios are 1)
-# that order shows at ~lr * 1e-3; the runs' scores, equal to 1e-6, show they sampled the same responses.
+# that order shows at ~lr * 1e-3. The test's metric checks (scores to 1e-4; seen equal to 1e-7) show both runs
+# sampled the same responses.
 TOLERANCE = 5e-5
 PROMPTS = ["Tell me about cats.", "Tell me about dogs.", "What is tea?", "Why does it rain?", "Read a map.",
            "Play some jazz.", "Bake bread.", "Ride a train."]
