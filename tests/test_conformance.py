@@ -136,3 +136,61 @@ def test_a_family_whose_forward_disagrees_with_generate_is_refused_at_start(tiny
     prompt = encode_prompts(tiny_tokenizer, ["Tell me about cats."], 64)[0][0]
     with pytest.raises(ValueError, match="LlamaForCausalLM: the log-probs perlhf computes .* not supported"):
         check_logprobs_match_sampler(model, tiny_tokenizer, prompt)
+
+
+def test_a_shared_prefill_samples_what_a_prefill_of_every_row_does(family, tiny_tokenizer, monkeypatch):
+    """Repeated prompts (pair sampling, RLOO's k) are prefilled once each and their cache copied: the same
+    responses as a prefill of every row, with left padding and groups of uneven size."""
+    import perlhf.rl.rollout as rollout
+
+    model = make_model(family["arch"], len(tiny_tokenizer)).eval()
+    encoded, _ = encode_prompts(tiny_tokenizer, PROMPTS, 64)
+    prompts = [encoded[0]] * 2 + [encoded[1]] + [encoded[2]] * 3 + [encoded[3]] * 2
+    ids, mask = rollout.pad_left(prompts, tiny_tokenizer.pad_token_id, "cpu")
+    assert rollout.shared_prefill(model, ids, mask).get_seq_length() == ids.size(1) - 1  # it runs for this batch
+    seeds = list(range(len(prompts)))
+    shared = generate(model, tiny_tokenizer, prompts, 8, temperature=1.0, seeds=seeds)
+    greedy = generate(model, tiny_tokenizer, prompts, 8, temperature=0)
+    monkeypatch.setattr(rollout, "shared_prefill", lambda *args: None)
+    assert torch.equal(generate(model, tiny_tokenizer, prompts, 8, temperature=1.0, seeds=seeds).response_ids,
+                       shared.response_ids), family["arch"]
+    assert torch.equal(generate(model, tiny_tokenizer, prompts, 8, temperature=0).response_ids, greedy.response_ids)
+
+
+def test_decoding_with_the_weight_on_the_left_computes_what_f_linear_does(family, tiny_tokenizer, monkeypatch):
+    import perlhf.rl.rollout as rollout
+
+    layer = torch.nn.Linear(16, 24)
+    for x in (torch.randn(5, 16), torch.randn(3, 1, 16), torch.randn(2, 4, 16)):
+        assert torch.allclose(rollout._weight_left_linear(layer, x), layer(x), atol=1e-6)
+    model = make_model(family["arch"], len(tiny_tokenizer)).eval()
+    prompts, _ = encode_prompts(tiny_tokenizer, PROMPTS, 64)
+    switched = generate(model, tiny_tokenizer, prompts, 8, temperature=1.0, seeds=[1, 2, 3, 4])
+    assert not any("forward" in vars(m) for m in model.modules())  # the layers are given back as they were
+    monkeypatch.setattr(rollout, "WEIGHT_LEFT_MAX_ROWS", 0)  # F.linear everywhere
+    assert torch.equal(generate(model, tiny_tokenizer, prompts, 8, temperature=1.0, seeds=[1, 2, 3, 4]).response_ids,
+                       switched.response_ids), family["arch"]
+
+
+def test_the_nucleus_keeps_the_tokens_transformers_top_p_keeps_in_proportion():
+    """Each row's picks over a grid of 6,000 uniforms: exactly the tokens TopPLogitsWarper keeps, each as often as
+    its renormalised probability says (to one grid step). Row 2 is nearly flat: its nucleus is wider than the
+    candidates, so it takes the sorted path."""
+    from transformers import TopPLogitsWarper
+
+    from perlhf.rl.rollout import SeededSampler
+
+    torch.manual_seed(0)
+    vocab, top_p, grid = 3000, 0.9, 6000
+    scores = torch.stack([torch.randn(vocab) * 4, torch.randn(vocab) * 1.5, torch.randn(vocab) * 0.05])
+    sampler = SeededSampler(1.0, [0], "cpu", top_p=top_p)
+    uniform = (torch.arange(grid, dtype=torch.float64) + 0.5) / grid
+    for row in range(3):
+        kept = torch.isfinite(TopPLogitsWarper(top_p)(None, scores[row:row + 1]))[0]
+        probs = torch.softmax(scores[row], dim=-1)
+        picks = sampler._nucleus_pick(probs.expand(grid, -1), uniform).squeeze(1)
+        counts = torch.bincount(picks, minlength=vocab).double()
+        assert torch.equal(counts > 0, kept), row
+        expected = torch.where(kept, probs, 0.0).double()
+        assert (counts / grid - expected / expected.sum()).abs().max() <= 1.0 / grid, row
+    assert int(torch.isfinite(TopPLogitsWarper(top_p)(None, scores[2:])).sum()) > SeededSampler.NUCLEUS_CANDIDATES

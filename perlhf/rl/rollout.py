@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import torch
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, TopPLogitsWarper
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from perlhf import parallel
-from perlhf.backbone import causal_lm, keeps_logits, last_hidden
+from perlhf.backbone import causal_lm, keeps_logits, last_hidden, transformer_body
 from perlhf.prefix_sharing import PackedRollout
 from perlhf.rl.objectives import log_normaliser, token_logprobs
 
@@ -91,26 +93,48 @@ class SeededSampler(LogitsProcessor):
     ~10% of CPU decoding). The cumulative sum runs in float64, so each token's share of [0, 1) is its probability
     to ~1e-16. Because a row's draw does not depend on which other sequences share its batch or process, a
     2-process run samples what a 1-process run does. The temperature is applied here and in `token_logprobs` the
-    same way, so the log-probs describe the sampler exactly. A nucleus (top_p < 1, through transformers' own
-    warper) is for sampling that needs no log-probs (labelling data). torch.multinomial cannot take a generator
-    per row, so the draw is written out here.
+    same way, so the log-probs describe the sampler exactly. torch.multinomial cannot take a generator per row, so
+    the draw is written out here.
+
+    A nucleus (top_p < 1) is for sampling that needs no log-probs (labelling data): the most probable tokens
+    until their mass reaches top_p, as transformers' TopPLogitsWarper keeps them. That warper sorts the whole
+    vocabulary every step (a third of a second for 96 rows of 49152 here); the nucleus is found among the
+    `NUCLEUS_CANDIDATES` most probable tokens instead, and a row whose nucleus reaches beyond them is sorted whole.
     """
+
+    NUCLEUS_CANDIDATES = 1024
 
     def __init__(self, temperature: float, seeds: list[int], device, top_p: float = 1.0):
         self.temperature = temperature
-        self.nucleus = TopPLogitsWarper(top_p) if top_p < 1.0 else None
+        self.top_p = top_p
         self.generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        scores = scores.float() / self.temperature
-        if self.nucleus is not None:
-            scores = self.nucleus(input_ids, scores)
-        cumulative = torch.softmax(scores, dim=-1).double().cumsum(dim=-1)
+        probs = torch.softmax(scores.float() / self.temperature, dim=-1)
         # float32 uniforms are below 1 - 2^-24, so u * total stays below the total and the pick has probability > 0
         uniform = torch.cat([torch.rand(1, generator=g, device=scores.device) for g in self.generators]).double()
-        picked = torch.searchsorted(cumulative, (uniform * cumulative[:, -1])[:, None], right=True)
+        if self.top_p < 1.0:
+            picked = self._nucleus_pick(probs, uniform)
+        else:
+            picked = _inverse_cdf(probs.double().cumsum(dim=-1), uniform).clamp(max=scores.size(-1) - 1)
         only = torch.full_like(scores, -float("inf"))
-        return only.scatter_(1, picked.clamp(max=scores.size(-1) - 1), 0.0)
+        return only.scatter_(1, picked, 0.0)
+
+    def _nucleus_pick(self, probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+        top, index = probs.topk(min(self.NUCLEUS_CANDIDATES, probs.size(-1)), dim=-1)
+        wide = top.sum(dim=-1) < self.top_p
+        picked = torch.empty((probs.size(0), 1), dtype=torch.long, device=probs.device)
+        for rows, (p, i) in ((~wide, (top, index)), (wide, probs.sort(dim=-1, descending=True))):
+            if rows.any():
+                p, i = p[rows], i[rows]
+                kept = torch.where(p.cumsum(dim=-1) - p < self.top_p, p, 0.0).double()  # the mass before < top_p
+                picked[rows] = i.gather(1, _inverse_cdf(kept.cumsum(dim=-1), uniform[rows]).clamp(max=p.size(-1) - 1))
+        return picked
+
+
+def _inverse_cdf(cumulative: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """The first column whose cumulative weight exceeds u times the row's total [B, 1]."""
+    return torch.searchsorted(cumulative, (uniform * cumulative[:, -1])[:, None], right=True)
 
 
 def sequence_seed(*parts: int) -> int:
@@ -148,6 +172,37 @@ def _only_perlhf_generation_settings(model):
         hf.generation_config = shipped
 
 
+# Rows at or below which a CPU float32 linear runs as `weight @ x.T` during decoding (below).
+WEIGHT_LEFT_MAX_ROWS = 256
+
+
+def _weight_left_linear(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    rows = x.numel() // x.size(-1)
+    if rows > WEIGHT_LEFT_MAX_ROWS:
+        return torch.nn.functional.linear(x, module.weight, module.bias)
+    out = torch.mm(module.weight, x.reshape(rows, x.size(-1)).t()).t()
+    out = out.contiguous() if module.bias is None else out + module.bias
+    return out.view(*x.shape[:-1], out.size(-1))
+
+
+@contextmanager
+def _weight_left_decoding(model):
+    # A decoding step multiplies a few rows by every weight matrix, so it streams the weights from memory. On the
+    # CPUs measured here MKL does that ~1.4-2x faster for `weight @ x.T` than for `x @ weight.T`, which is what
+    # F.linear asks for (benchmarks/sampling_speed.py: 16 rows x 49152 x 576, the LM head: 24 vs 54 ms). Only
+    # plain nn.Linear layers (not bitsandbytes' subclasses) in float32 on the CPU are switched, and only for the
+    # length of one generate() call; a prefill of many rows keeps F.linear, which is as fast there.
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.device.type == "cpu"
+               and m.weight.dtype == torch.float32]
+    for module in linears:
+        module.forward = partial(_weight_left_linear, module)
+    try:
+        yield
+    finally:
+        for module in linears:
+            del module.forward
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
              seeds: list[int] | None = None, top_p: float = 1.0) -> Rollout:
@@ -168,11 +223,14 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int,
                                   pad_token_id=tokenizer.pad_token_id, use_cache=True)
     was_training = model.training
     model.eval()
-    with _only_perlhf_generation_settings(model):
-        # sharded, every decoding step is a collective: a process whose prompts all ended keeps stepping with the
-        # others (synced_gpus) instead of leaving them waiting
+    sharded = parallel.is_sharded(model)
+    with _only_perlhf_generation_settings(model), _weight_left_decoding(model):
+        # sharded, every forward is a collective, so every process runs the same ones: no shared prefill, and a
+        # process whose prompts all ended keeps stepping with the others (synced_gpus)
+        cache = None if sharded else shared_prefill(model, ids, mask)
         out = model.generate(input_ids=ids, attention_mask=mask, generation_config=generation,
-                             logits_processor=processors, synced_gpus=parallel.is_sharded(model))
+                             logits_processor=processors, synced_gpus=sharded,
+                             **({_CACHE_NAME: cache} if cache is not None else {}))
     model.train(was_training)
     response = out[:, ids.size(1):]
     if response.size(1) == 0:  # every prompt ended at once is impossible, but keep shapes valid
@@ -180,6 +238,26 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int,
     response_mask, ended = response_mask_after_eos(response, eos, tokenizer.pad_token_id)
     response = torch.where(response_mask.bool(), response, torch.full_like(response, tokenizer.pad_token_id))
     return Rollout(ids, mask, response, response_mask, ended)
+
+
+# transformers 5 renamed `past_key_values` to `cache`, in model outputs and generate()'s arguments (the old name warns)
+_CACHE_NAME = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def shared_prefill(model, ids: torch.Tensor, mask: torch.Tensor):
+    """The KV cache of every prompt but its last token, each distinct prompt computed once and its cache copied
+    to every sequence that samples from it (pair sampling draws 4 responses a prompt, RLOO k), or None when no
+    prompt repeats. generate() then runs only the last prompt token and the new ones; the numbers are those of a
+    prefill over every row, because each row's cache depends on its own tokens alone."""
+    distinct, rows = torch.unique(torch.cat([ids, mask], dim=1), dim=0, return_inverse=True)
+    width = ids.size(1)
+    if distinct.size(0) == ids.size(0) or width < 2 or int(mask[:, :-1].sum(dim=1).min()) == 0:
+        return None  # nothing repeats, or a prompt of one token has nothing to cache
+    ids, mask = distinct[:, :width - 1], distinct[:, width:2 * width - 1]
+    out = transformer_body(model)(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=True)
+    cache = getattr(out, _CACHE_NAME)
+    cache.batch_select_indices(rows.to(ids.device))
+    return cache
 
 
 def _positions(mask: torch.Tensor) -> torch.Tensor:
@@ -247,7 +325,7 @@ def check_logprobs_match_sampler(model, tokenizer, prompt_ids: list[int], new_to
     ids, mask = pad_left([prompt_ids], tokenizer.pad_token_id, device)
     generation = GenerationConfig(do_sample=False, max_new_tokens=new_tokens, pad_token_id=tokenizer.pad_token_id,
                                   output_logits=True, return_dict_in_generate=True, use_cache=True)
-    with _only_perlhf_generation_settings(model):
+    with _only_perlhf_generation_settings(model), _weight_left_decoding(model):
         out = model.generate(input_ids=ids, attention_mask=mask, generation_config=generation)
     response = out.sequences[:, ids.size(1):]
     rollout = Rollout(ids, mask, response, torch.ones_like(response, dtype=torch.float), torch.zeros(1, dtype=torch.bool))
