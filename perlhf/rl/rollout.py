@@ -122,14 +122,16 @@ class SeededSampler(LogitsProcessor):
 
     def _nucleus_pick(self, probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
         top, index = probs.topk(min(self.NUCLEUS_CANDIDATES, probs.size(-1)), dim=-1)
-        wide = top.sum(dim=-1) < self.top_p
-        picked = torch.empty((probs.size(0), 1), dtype=torch.long, device=probs.device)
-        for rows, (p, i) in ((~wide, (top, index)), (wide, probs.sort(dim=-1, descending=True))):
-            if rows.any():
-                p, i = p[rows], i[rows]
-                kept = torch.where(p.cumsum(dim=-1) - p < self.top_p, p, 0.0).double()  # the mass before < top_p
-                picked[rows] = i.gather(1, _inverse_cdf(kept.cumsum(dim=-1), uniform[rows]).clamp(max=p.size(-1) - 1))
+        picked = self._pick_in_order(top, index, uniform)
+        wide = top.sum(dim=-1) < self.top_p  # the nucleus reaches beyond the candidates: these rows sorted whole
+        if wide.any():
+            picked[wide] = self._pick_in_order(*probs[wide].sort(dim=-1, descending=True), uniform[wide])
         return picked
+
+    def _pick_in_order(self, probs: torch.Tensor, tokens: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+        # probs in descending order: a token is in the nucleus while the mass before it is below top_p
+        kept = torch.where(probs.cumsum(dim=-1) - probs < self.top_p, probs, 0.0).double()
+        return tokens.gather(1, _inverse_cdf(kept.cumsum(dim=-1), uniform).clamp(max=probs.size(-1) - 1))
 
 
 def _inverse_cdf(cumulative: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
@@ -188,8 +190,9 @@ def _weight_left_linear(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tenso
 @contextmanager
 def _weight_left_decoding(model):
     # A decoding step multiplies a few rows by every weight matrix, so it streams the weights from memory. On the
-    # CPUs measured here MKL does that ~1.4-2x faster for `weight @ x.T` than for `x @ weight.T`, which is what
-    # F.linear asks for (benchmarks/sampling_speed.py: 16 rows x 49152 x 576, the LM head: 24 vs 54 ms). Only
+    # CPU measured here (AMD EPYC) MKL does that ~1.4-2x faster for `weight @ x.T` than for `x @ weight.T`, which
+    # F.linear asks for: 30 layers of SmolLM2-sized weights and its LM head took 99 vs 183 ms a step at 16 rows,
+    # 383 vs 494 ms at 96, the same at 384 (a one-off probe, 2026-12-02). Only
     # plain nn.Linear layers (not bitsandbytes' subclasses) in float32 on the CPU are switched, and only for the
     # length of one generate() call; a prefill of many rows keeps F.linear, which is as fast there.
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.device.type == "cpu"
@@ -201,6 +204,26 @@ def _weight_left_decoding(model):
     finally:
         for module in linears:
             del module.forward
+
+
+# transformers 5 renamed `past_key_values` to `cache`, in model outputs and generate()'s arguments (the old name warns)
+_CACHE_NAME = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def shared_prefill(model, ids: torch.Tensor, mask: torch.Tensor):
+    """The KV cache of every prompt but its last token, each distinct prompt computed once and its cache copied
+    to every sequence that samples from it (pair sampling draws 4 responses a prompt, RLOO k), or None when no
+    prompt repeats. generate() then runs only the last prompt token and the new ones; the numbers are those of a
+    prefill over every row, because each row's cache depends on its own tokens alone."""
+    distinct, rows = torch.unique(torch.cat([ids, mask], dim=1), dim=0, return_inverse=True)
+    width = ids.size(1)
+    if distinct.size(0) == ids.size(0) or width < 2 or int(mask[:, :-1].sum(dim=1).min()) == 0:
+        return None  # nothing repeats, or a prompt of one token has nothing to cache
+    ids, mask = distinct[:, :width - 1], distinct[:, width:2 * width - 1]
+    out = transformer_body(model)(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=True)
+    cache = getattr(out, _CACHE_NAME)
+    cache.batch_select_indices(rows.to(ids.device))
+    return cache
 
 
 @torch.no_grad()
@@ -238,26 +261,6 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int,
     response_mask, ended = response_mask_after_eos(response, eos, tokenizer.pad_token_id)
     response = torch.where(response_mask.bool(), response, torch.full_like(response, tokenizer.pad_token_id))
     return Rollout(ids, mask, response, response_mask, ended)
-
-
-# transformers 5 renamed `past_key_values` to `cache`, in model outputs and generate()'s arguments (the old name warns)
-_CACHE_NAME = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
-
-
-def shared_prefill(model, ids: torch.Tensor, mask: torch.Tensor):
-    """The KV cache of every prompt but its last token, each distinct prompt computed once and its cache copied
-    to every sequence that samples from it (pair sampling draws 4 responses a prompt, RLOO k), or None when no
-    prompt repeats. generate() then runs only the last prompt token and the new ones; the numbers are those of a
-    prefill over every row, because each row's cache depends on its own tokens alone."""
-    distinct, rows = torch.unique(torch.cat([ids, mask], dim=1), dim=0, return_inverse=True)
-    width = ids.size(1)
-    if distinct.size(0) == ids.size(0) or width < 2 or int(mask[:, :-1].sum(dim=1).min()) == 0:
-        return None  # nothing repeats, or a prompt of one token has nothing to cache
-    ids, mask = distinct[:, :width - 1], distinct[:, width:2 * width - 1]
-    out = transformer_body(model)(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=True)
-    cache = getattr(out, _CACHE_NAME)
-    cache.batch_select_indices(rows.to(ids.device))
-    return cache
 
 
 def _positions(mask: torch.Tensor) -> torch.Tensor:
