@@ -294,7 +294,6 @@ def plan(config: PlanConfig) -> dict:
         classic = {"weights + gradients + AdamW (full tuning)": total_params * ADAM_BYTES,
                    "activations": act, "logits": logits}
         extra = {"activations with checkpointing" if not ckpt else "activations without checkpointing": act_other}
-        other = {**perlhf, "activations": act_other}  # perlhf's layout with checkpointing the other way
     else:
         sequences = run["batch_size"] * config.samples_per_prompt
         length = config.max_prompt_length + config.max_new_tokens
@@ -303,10 +302,10 @@ def plan(config: PlanConfig) -> dict:
         generation = kv_cache + sequences * shapes.vocab * 4 * 2
         update = activations(shapes, probe, sequences, length, ckpt, element) + \
             logits_bytes(sequences * config.max_new_tokens, shapes.vocab, element)
-        if ckpt and config.algorithm in ("reinforce", "rloo"):
+        if config.algorithm in ("reinforce", "rloo"):
             # the sampling-time forward is the update's (rl.trainer.reuses_sampling_pass, at the default one epoch
-            # of one mini-batch): its graph lives through the reference pass (its logits) and, for reinforce,
-            # the value baseline's forward over the prompts with its own graph
+            # of one mini-batch, with or without checkpointing): its graph lives through the reference pass (its
+            # logits) and, for reinforce, the value baseline's forward over the prompts with its own graph
             update += sequences * (config.max_new_tokens + 1) * shapes.vocab * element
             if config.algorithm == "reinforce":
                 update += activations(shapes, probe, sequences, config.max_prompt_length, ckpt, element)
@@ -319,7 +318,6 @@ def plan(config: PlanConfig) -> dict:
                    "reference and reward weights": 2 * total_params * element,
                    "rollout (max of generation's KV cache and the update's activations)": max(generation, update)}
         extra = {"generation KV cache": kv_cache, "update activations and logits": update}
-        other = None
     if config.quantize and config.device == "cpu":
         # bitsandbytes quantizes as the weights load from the mapped file, whose pages stay resident until the load
         # ends (perlhf.models.own_unquantized_weights then lets the mapping go): a peak of its own, before training
@@ -335,8 +333,7 @@ def plan(config: PlanConfig) -> dict:
               "device": config.device, "processes": config.processes, "fsdp": config.fsdp, "run": run,
               "perlhf": {**perlhf, "total": sum(perlhf.values())},
               "classic": {**classic, "total": sum(classic.values())}, "details": extra, "memory": limit,
-              "parameters": total_params, "adapter_parameters": shapes.lora,
-              "other_checkpointing": {**other, "total": sum(other.values())} if other else None}
+              "parameters": total_params, "adapter_parameters": shapes.lora}
     if limit:
         result["fits"] = {"perlhf": result["perlhf"]["total"] <= limit, "classic": result["classic"]["total"] <= limit}
     return result
@@ -403,66 +400,33 @@ def for_run(config, task: str, device: torch.device, checkpointing: bool, batch_
                            trust_remote_code=config.trust_remote_code, **shape))
 
 
-def choose_checkpointing(config, task: str, device: torch.device, verbose: bool) -> bool:
-    """--gradient-checkpointing when asked; by default on only when the run would need more than 80% of the GPU's
-    memory without it, or half the free RAM on CPU. There, such a run also returns freed memory to the system
-    (`models.return_freed_memory`): glibc's heap otherwise keeps up to several times what the plan counts
-    (benchmarks/results/plan_check_glibc.md). Checkpointing recomputes the forward in backward, about a third more
-    compute. Prints the expected peak."""
-    shape = {"batch_size": config.per_device_train_batch_size, "max_length": config.max_length}
+def choose_checkpointing(config, task: str, device: torch.device, verbose: bool, **shape) -> bool:
+    """--gradient-checkpointing when asked; by default on only when the run (`task` at `shape`, as `for_run` takes
+    them) would need more than 80% of the GPU's memory without it, or half the free RAM on CPU. There, such a run also
+    returns freed memory to the system (`models.return_freed_memory`): glibc's heap otherwise keeps up to several
+    times what the plan counts (benchmarks/results/plan_check_glibc.md). Checkpointing recomputes the forward in
+    backward, about a third more compute. Prints the expected peak."""
     chosen = config.gradient_checkpointing
     try:
-        planned = for_run(config, task, device, False, **shape)  # one plan: it holds both settings
+        planned = {checkpointing: for_run(config, task, device, checkpointing, **shape)["perlhf"]
+                   for checkpointing in (False, True)}
     except Exception as err:  # the plan only advises: a model it cannot probe still trains, as asked
         if verbose:
             print(f"perlhf: no memory plan for {config.model} ({type(err).__name__}: {err}); gradient "
                   f"checkpointing {'on' if chosen else 'off'}")
         return bool(chosen)
-    without, with_checkpointing = planned["perlhf"], planned["other_checkpointing"]
     room = memory_to_plan_for(device)
     # decided together: processes that measured their free memory differently must still run one way (sharded,
     # each layer's recompute is a collective)
-    tight = parallel.any_process(without["total"] > room)
+    tight = parallel.any_process(planned[False]["total"] > room)
     if tight and device.type == "cpu":
         _return_freed_memory(verbose)
     if chosen is None:
         chosen = tight
         if verbose and chosen:
             print(f"perlhf: gradient checkpointing on: without it the run would need "
-                  f"{without['total'] / GIB:.1f} GiB, more than the {room / GIB:.1f} GiB it may plan for "
-                  "here (--gradient-checkpointing false to turn it off)")
-    if verbose:
-        print(expected_peak_line(with_checkpointing if chosen else without))
-    return chosen
-
-
-def choose_rl_checkpointing(config, device: torch.device, verbose: bool) -> bool:
-    """--gradient-checkpointing for RL when asked; by default on only when the run would not fit without it, by
-    the rule of `choose_checkpointing`. Prints the expected peak; where memory is tight on a CPU, freed memory is
-    returned to the system (as there)."""
-    chosen = config.gradient_checkpointing
-    try:
-        planned = {checkpointing: for_run(config, "rl", device, checkpointing, batch_size=config.batch_size,
-                                          max_prompt_length=config.max_prompt_length,
-                                          max_new_tokens=config.max_new_tokens,
-                                          samples_per_prompt=config.samples_per_prompt,
-                                          algorithm=config.algorithm)["perlhf"]
-                   for checkpointing in (False, True)}
-    except Exception as err:  # advice only, as in choose_checkpointing
-        if verbose:
-            print(f"perlhf: no memory plan for {config.model} ({type(err).__name__}: {err}); gradient "
-                  f"checkpointing {'off' if chosen is False else 'on'}")
-        return chosen is not False
-    room = memory_to_plan_for(device)
-    tight = parallel.any_process(planned[False]["total"] > room)
-    if chosen is None:
-        chosen = tight
-        if verbose and chosen:
-            print(f"perlhf: gradient checkpointing on: without it the run would need "
                   f"{planned[False]['total'] / GIB:.1f} GiB, more than the {room / GIB:.1f} GiB it may plan for "
                   "here (--gradient-checkpointing false to turn it off)")
-    if device.type == "cpu" and parallel.any_process(planned[chosen]["total"] > room):
-        _return_freed_memory(verbose)
     if verbose:
         print(expected_peak_line(planned[chosen]))
     return chosen

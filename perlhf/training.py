@@ -185,7 +185,9 @@ def start_run(config, task: str):
                             quantize=config.quantize)
     from perlhf.plan import choose_checkpointing
 
-    config.gradient_checkpointing = choose_checkpointing(config, task, accelerator.device, accelerator.is_main_process)
+    config.gradient_checkpointing = choose_checkpointing(config, task, accelerator.device, accelerator.is_main_process,
+                                                         batch_size=config.per_device_train_batch_size,
+                                                         max_length=config.max_length)
     return accelerator, run_dir, resuming, loaded
 
 

@@ -113,6 +113,21 @@ def test_the_plan_says_whether_it_fits(models, capsys):
     assert "does NOT fit" in out and "classic (separate models, full tuning)" in out
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_an_rloo_plan_counts_the_reference_logits_beside_the_kept_sampling_graph(models, checkpointing):
+    """RLOO keeps the sampling-time forward's graph for its update (rl.trainer.reuses_sampling_pass), with or
+    without checkpointing, and the reference pass's logits live beside it: float32 logits over each sequence's new
+    tokens and the one before them. PPO reuses nothing, so the two plans differ by exactly those logits."""
+    from transformers import AutoConfig
+
+    vocab = AutoConfig.from_pretrained(models["llama"]).vocab_size
+    shape = dict(model=models["llama"], task="rl", device="cpu", batch_size=3, samples_per_prompt=2,
+                 max_prompt_length=10, max_new_tokens=5, gradient_checkpointing=checkpointing)
+    update = "update activations and logits"
+    rloo, ppo = (plan(PlanConfig(algorithm=name, **shape))["details"][update] for name in ("rloo", "ppo"))
+    assert rloo - ppo == 3 * 2 * (5 + 1) * vocab * 4
+
+
 def test_rm_train_turns_checkpointing_on_only_when_the_run_would_not_fit(models, tmp_path, monkeypatch, capsys):
     import json
 

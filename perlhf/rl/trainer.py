@@ -422,7 +422,7 @@ def train_policy(config: RLConfig) -> dict:
     from perlhf.guards import NonFiniteGuard, StopRequest, prepare_run_dir, writing
     from perlhf.metrics import MetricsLogger, peak_memory_mb
     from perlhf.models import load_model
-    from perlhf.plan import choose_rl_checkpointing
+    from perlhf.plan import choose_checkpointing
 
     accelerator = Accelerator(cpu=config.device == "cpu")
     main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
@@ -460,7 +460,12 @@ def train_policy(config: RLConfig) -> dict:
               f"(max |error| {logit_error:.1e} nats); sampling softmax(logits / {config.temperature:g})"
               + ("; not applied from the model's generation_config.json: "
                  + ", ".join(f"{k}={v}" for k, v in ignored.items()) if ignored else ""))
-    config.gradient_checkpointing = choose_rl_checkpointing(config, accelerator.device, main)
+    config.gradient_checkpointing = choose_checkpointing(config, "rl", accelerator.device, main,
+                                                         batch_size=config.batch_size,
+                                                         max_prompt_length=config.max_prompt_length,
+                                                         max_new_tokens=config.max_new_tokens,
+                                                         samples_per_prompt=config.samples_per_prompt,
+                                                         algorithm=config.algorithm)
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(loaded.model)
     single_pass = reuses_sampling_pass(config)
