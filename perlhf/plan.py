@@ -262,6 +262,13 @@ def logits_bytes(positions: int, vocab: int, element: int) -> float:
 
 def plan(config: PlanConfig) -> dict:
     """Peak memory per part, in bytes, for perlhf's layout and the classic one."""
+    # the probe's random weights, adapter and inputs leave the run's seeded generator where it was: a trainer plans
+    # before it initialises its adapter, which must not depend on whether (or how often) the plan ran
+    with torch.random.fork_rng(devices=[]):
+        return _plan(config)
+
+
+def _plan(config: PlanConfig) -> dict:
     from transformers import AutoConfig
 
     from perlhf.models import resolve_dtype, resolve_model_path

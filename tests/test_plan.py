@@ -182,3 +182,11 @@ def test_an_fsdp_plan_holds_a_share_of_the_base_per_process(models, arch):
     assert sharded["perlhf"]["weights"] == pytest.approx(expected)
     assert whole["perlhf"]["weights"] == pytest.approx((linear + other) * 4)
     assert sharded["classic"]["total"] < whole["classic"]["total"]  # the classic layout sharded as ZeRO-3 runs it
+
+
+def test_planning_leaves_the_seeded_generator_where_it_was(models):
+    """A trainer plans before it initialises its adapter: the plan's probe must not draw from the run's generator."""
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    plan(PlanConfig(model=models["llama"], task="rm", device="cpu", batch_size=2, max_length=16))
+    assert torch.equal(torch.get_rng_state(), before)

@@ -85,8 +85,10 @@ def test_sft_learns_the_replies_and_resumes_exactly(inputs, tmp_path, tiny_token
     with torch.no_grad():
         total, count = target_loss(AutoModelForCausalLM.from_pretrained(inputs["model"]).eval(),
                                    *collate(encode(validation, tiny_tokenizer, config)[0], 256, "cpu"))
-    # LoRA learns slowly on a tiny random model (its tied embeddings are tiny); the --full test shows a large drop
-    assert evals[-1] < total.item() / count.item() - 0.2, (evals, total.item() / count.item())
+    # LoRA learns slowly on a tiny random model (its tied embeddings are tiny); the --full test shows a large drop.
+    # Untrained, the adapter is the identity (B = 0), so no learning leaves the loss at the base's; six steps took
+    # it 0.18 to over 0.2 nats below in three draws of the run's random numbers (2026-12-02)
+    assert evals[-1] < total.item() / count.item() - 0.1, (evals, total.item() / count.item())
     assert summary["best"]["eval/loss"] == min(evals) and (full_run / "best" / "adapter_model.safetensors").exists()
     assert "train/padding_share" in read_metrics(full_run)[0]
     # stop after 4 steps, then resume to 6: the same adapter as the uninterrupted run, bitwise
