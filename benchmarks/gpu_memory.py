@@ -29,24 +29,16 @@ HERE = Path(__file__).resolve().parent
 
 def child(model_config: str, quantize: str | None, args) -> dict:
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from random_model import write_random_model
 
     from perlhf.metrics import read_metrics
-    from perlhf.models import load_tokenizer, resolve_dtype
     from perlhf.plan import for_run
     from perlhf.reward import RewardConfig, train_reward_model
     from perlhf.rl.trainer import RLConfig, train_policy
 
     device = torch.device(args.device)
     root = Path(args.root)
-    model_dir = root / Path(model_config).name
-    if not (model_dir / "config.json").exists():  # random weights, written once per config
-        dtype = resolve_dtype(None, device)
-        with torch.device(device):
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_config), dtype=dtype)
-        model.save_pretrained(model_dir)
-        load_tokenizer("HuggingFaceTB/SmolLM2-135M-Instruct").save_pretrained(model_dir)
-        del model
+    model_dir = write_random_model(model_config, root / Path(model_config).name, args.device)  # once per config
     words = "please write a short friendly answer about the weather and the sea".split()
     prompt = " ".join(words[i % len(words)] for i in range(args.prompt_length))
     (root / "prompts.txt").write_text("".join(f"{i} {prompt}\n" for i in range(4 * args.batch)))

@@ -9,8 +9,9 @@ side: accuracy does not depend on timing), at one budget: `--steps` optimizer st
 `--max-length` tokens. HH-RLHF harmless recipes are scored on their validation split (at half the budget and at the end:
 the curve) and, out of distribution, on PandaLM's human-voted pairs (majority vote, ties skipped), next to the
 prefer-the-shorter baseline. Taskmaster recipes are pointwise (thumbs up/down): ROC-AUC and accuracy next to the
-majority baseline. A run's figures are kept in RUNS/RECIPE-sSEED/result.json and reused; the table shows means
-with 95% t-intervals over seeds. Skips what is absent.
+majority baseline. A run's figures are kept in RESULTS/RECIPE-sSEED.json (committed, so later sessions add seeds to
+them; the checkpoints stay in RUNS) and reused; the table shows means with 95% t-intervals over seeds. Skips what is
+absent.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def same_run(recipe: str, seed: int, args) -> dict | None:
     config = run_config(recipe, seed, args)
     key = json.loads(config_key(config))
     defaults = {f.name: f.default for f in dataclasses.fields(config)}  # options added since a result was made
-    for path in Path(args.runs).glob(f"*-s{seed}/result.json"):
+    for path in Path(args.results).glob(f"*-s{seed}.json"):
         result = json.loads(path.read_text())
         made = json.loads(result.get("config_key", "null")) or {}
         if made and all(made.get(name, defaults.get(name)) == value for name, value in key.items()):
@@ -95,7 +96,7 @@ def same_run(recipe: str, seed: int, args) -> dict | None:
 
 
 def one_run(recipe: str, seed: int, args) -> dict:
-    """Train one recipe at one seed in this process; returns its figures (also written to result.json)."""
+    """Train one recipe at one seed in this process; returns its figures (also written to RESULTS)."""
     import torch
 
     from perlhf.reward import train_reward_model
@@ -120,8 +121,13 @@ def one_run(recipe: str, seed: int, args) -> dict:
               "train_examples": summary["train_examples"], "validation_examples": summary["validation_examples"]}
     if not pointwise and PANDALM.exists():
         result["pandalm"] = out_of_distribution(run_dir, args.max_length, args.pandalm_pairs)
-    (run_dir / "result.json").write_text(json.dumps(result, indent=2))
+    result_file(args, recipe, seed).parent.mkdir(parents=True, exist_ok=True)
+    result_file(args, recipe, seed).write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def result_file(args, recipe: str, seed: int) -> Path:
+    return Path(args.results) / f"{recipe}-s{seed}.json"
 
 
 def out_of_distribution(run_dir: Path, max_length: int, pairs: int) -> dict:
@@ -156,9 +162,9 @@ def mean_interval(values: list[float]) -> tuple[float, float]:
     return mean, T_95.get(n - 1, 1.96) * sd / math.sqrt(n)
 
 
-def table(runs: Path, recipes: list[str]) -> tuple[str, dict]:
+def table(results_dir: Path, recipes: list[str]) -> tuple[str, dict]:
     results: dict[str, list[dict]] = {}
-    for path in sorted(runs.glob("*-s*/result.json")):
+    for path in sorted(results_dir.glob("*-s*.json")):
         result = json.loads(path.read_text())
         if result["recipe"] in recipes:
             results.setdefault(result["recipe"], []).append(result)
@@ -235,7 +241,8 @@ def main() -> int:
     parser.add_argument("--pandalm-pairs", type=int, default=400, help="PandaLM pairs scored (a fixed sample)")
     parser.add_argument("--jobs", type=int, default=2, help="runs side by side, one thread each")
     parser.add_argument("--runs", default="runs/reward_quality")
-    parser.add_argument("--rerun", action="store_true", help="train again even where result.json exists")
+    parser.add_argument("--results", default="benchmarks/results/reward_quality_runs", help="one JSON per run")
+    parser.add_argument("--rerun", action="store_true", help="train again even where its result exists")
     parser.add_argument("--table", action="store_true", help="only print the table of the runs already made")
     parser.add_argument("--one", nargs=2, metavar=("RECIPE", "SEED"), help=argparse.SUPPRESS)
     parser.add_argument("--out", default="benchmarks/results/reward_quality")
@@ -250,12 +257,11 @@ def main() -> int:
     if not args.table:
         todo = []
         for recipe, seed in [(r, s) for s in args.seeds for r in args.recipes]:
-            if not args.rerun and (runs / f"{recipe}-s{seed}" / "result.json").exists():
+            if not args.rerun and result_file(args, recipe, seed).exists():
                 continue
             reused = None if args.rerun else same_run(recipe, seed, args)
             if reused:
-                (runs / f"{recipe}-s{seed}").mkdir(parents=True, exist_ok=True)
-                (runs / f"{recipe}-s{seed}" / "result.json").write_text(json.dumps(reused, indent=2))
+                result_file(args, recipe, seed).write_text(json.dumps(reused, indent=2) + "\n")
                 print(f"{recipe} seed {seed}: the same run as {reused['same_run_as']} seed {seed}", flush=True)
             else:
                 todo.append((recipe, seed))
@@ -273,7 +279,7 @@ def main() -> int:
 
         with ThreadPoolExecutor(args.jobs) as pool:
             list(pool.map(launch, todo))
-    text, aggregate = table(runs, args.recipes)
+    text, aggregate = table(Path(args.results), args.recipes)
     command = "python benchmarks/reward_quality.py " + " ".join(sys.argv[1:])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

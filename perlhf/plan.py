@@ -289,57 +289,62 @@ def _plan(config: PlanConfig) -> dict:
     total_params = shapes.quantizable + shapes.other
     ckpt = bool(run["gradient_checkpointing"])
 
-    if config.task in ("rm", "sft"):
-        sequences = run["batch_size"] * (2 if config.task == "rm" else 1)  # a pair is two sequences
-        length = run["max_length"]
-        act = activations(shapes, probe, sequences, length, ckpt, element)
-        act_other = activations(shapes, probe, sequences, length, not ckpt, element)
-        logits = logits_bytes(sequences * length, shapes.vocab, element) if config.task == "sft" else 0.0
-        perlhf = {"weights": weights,
-                  "adapter + gradients + AdamW": shapes.lora * ADAM_BYTES + (head if config.task == "rm" else 0),
-                  "activations": act, "logits": logits}
-        classic = {"weights + gradients + AdamW (full tuning)": total_params * ADAM_BYTES,
-                   "activations": act, "logits": logits}
-        extra = {"activations with checkpointing" if not ckpt else "activations without checkpointing": act_other}
-    else:
-        sequences = run["batch_size"] * config.samples_per_prompt
-        length = config.max_prompt_length + config.max_new_tokens
-        value = config.algorithm in ("reinforce", "ppo")
-        kv_cache = 2 * shapes.layers * shapes.kv_width * length * sequences * element
-        generation = kv_cache + sequences * shapes.vocab * 4 * 2
-        update = activations(shapes, probe, sequences, length, ckpt, element) + \
-            logits_bytes(sequences * config.max_new_tokens, shapes.vocab, element)
-        if config.algorithm in ("reinforce", "rloo"):
-            # the sampling-time forward is the update's (rl.trainer.reuses_sampling_pass, at the default one epoch
-            # of one mini-batch, with or without checkpointing): its graph lives through the reference pass (its
-            # logits) and, for reinforce, the value baseline's forward over the prompts with its own graph
-            update += sequences * (config.max_new_tokens + 1) * shapes.vocab * element
-            if config.algorithm == "reinforce":
-                update += activations(shapes, probe, sequences, config.max_prompt_length, ckpt, element)
-        perlhf = {"weights": weights,
-                  "adapters + gradients + AdamW": shapes.lora * ADAM_BYTES * (2 if value else 1) + (head if value else 0),
-                  "reward adapter (frozen)": shapes.lora * 4 + shapes.hidden * 4,
-                  "rollout (max of generation's KV cache and the update's activations)": max(generation, update)}
-        trained = 2 if value else 1
-        classic = {"policy and value: weights + gradients + AdamW": trained * total_params * ADAM_BYTES,
-                   "reference and reward weights": 2 * total_params * element,
-                   "rollout (max of generation's KV cache and the update's activations)": max(generation, update)}
-        extra = {"generation KV cache": kv_cache, "update activations and logits": update}
-    if config.quantize and config.device == "cpu":
-        # bitsandbytes quantizes as the weights load from the mapped file, whose pages stay resident until the load
-        # ends (perlhf.models.own_unquantized_weights then lets the mapping go): a peak of its own, before training
-        stored = getattr(model_config.get_text_config(), "dtype", None) or getattr(model_config, "torch_dtype", None)
-        stored = getattr(torch, stored) if isinstance(stored, str) else stored
-        file_bytes = total_params * torch.tensor([], dtype=stored or dtype).element_size()
-        perlhf["loading: the weights file, read while quantizing (beyond the run's own peak)"] = max(
-            0.0, weights + file_bytes - sum(perlhf.values()))
-    if config.fsdp:  # the classic layout sharded too (ZeRO-3 / FSDP, as its tools run it): all but the activations
-        classic = {part: size / config.processes if "weights" in part else size for part, size in classic.items()}
+    def layouts(ckpt: bool) -> tuple[dict, dict, dict]:
+        """perlhf's parts, the classic layout's parts and the details, with checkpointing on or off."""
+        if config.task in ("rm", "sft"):
+            sequences = run["batch_size"] * (2 if config.task == "rm" else 1)  # a pair is two sequences
+            act = activations(shapes, probe, sequences, run["max_length"], ckpt, element)
+            logits = logits_bytes(sequences * run["max_length"], shapes.vocab, element) if config.task == "sft" else 0.0
+            perlhf = {"weights": weights,
+                      "adapter + gradients + AdamW": shapes.lora * ADAM_BYTES + (head if config.task == "rm" else 0),
+                      "activations": act, "logits": logits}
+            classic = {"weights + gradients + AdamW (full tuning)": total_params * ADAM_BYTES,
+                       "activations": act, "logits": logits}
+            extra = {}
+        else:
+            sequences = run["batch_size"] * config.samples_per_prompt
+            length = config.max_prompt_length + config.max_new_tokens
+            value = config.algorithm in ("reinforce", "ppo")
+            kv_cache = 2 * shapes.layers * shapes.kv_width * length * sequences * element
+            generation = kv_cache + sequences * shapes.vocab * 4 * 2
+            update = activations(shapes, probe, sequences, length, ckpt, element) + \
+                logits_bytes(sequences * config.max_new_tokens, shapes.vocab, element)
+            if config.algorithm in ("reinforce", "rloo"):
+                # the sampling-time forward is the update's (rl.trainer.reuses_sampling_pass, at the default one
+                # epoch of one mini-batch, with or without checkpointing): its graph lives through the reference pass
+                # (its logits) and, for reinforce, the value baseline's forward over the prompts with its own graph
+                update += sequences * (config.max_new_tokens + 1) * shapes.vocab * element
+                if config.algorithm == "reinforce":
+                    update += activations(shapes, probe, sequences, config.max_prompt_length, ckpt, element)
+            perlhf = {"weights": weights,
+                      "adapters + gradients + AdamW": shapes.lora * ADAM_BYTES * (2 if value else 1)
+                      + (head if value else 0),
+                      "reward adapter (frozen)": shapes.lora * 4 + shapes.hidden * 4,
+                      "rollout (max of generation's KV cache and the update's activations)": max(generation, update)}
+            trained = 2 if value else 1
+            classic = {"policy and value: weights + gradients + AdamW": trained * total_params * ADAM_BYTES,
+                       "reference and reward weights": 2 * total_params * element,
+                       "rollout (max of generation's KV cache and the update's activations)": max(generation, update)}
+            extra = {"generation KV cache": kv_cache, "update activations and logits": update}
+        if config.quantize and config.device == "cpu":
+            # bitsandbytes quantizes as the weights load from the mapped file, whose pages stay resident until the
+            # load ends (perlhf.models.own_unquantized_weights then lets the mapping go): a peak of its own
+            stored = getattr(model_config.get_text_config(), "dtype", None) or getattr(model_config, "torch_dtype", None)
+            stored = getattr(torch, stored) if isinstance(stored, str) else stored
+            file_bytes = total_params * torch.tensor([], dtype=stored or dtype).element_size()
+            perlhf["loading: the weights file, read while quantizing (beyond the run's own peak)"] = max(
+                0.0, weights + file_bytes - sum(perlhf.values()))
+        if config.fsdp:  # the classic layout sharded too (ZeRO-3 / FSDP, as its tools run it): all but activations
+            classic = {part: size / config.processes if "weights" in part else size for part, size in classic.items()}
+        return ({**perlhf, "total": sum(perlhf.values())}, {**classic, "total": sum(classic.values())}, extra)
+
+    perlhf, classic, extra = layouts(ckpt)
+    other, _, _ = layouts(not ckpt)  # what a trainer deciding on checkpointing compares, from this one probe
+    extra[f"perlhf total {'without' if ckpt else 'with'} checkpointing"] = other["total"]
     limit = parse_memory(config.memory) if config.memory else None
     result = {"model": config.model, "task": config.task, "quantize": config.quantize, "dtype": str(dtype)[6:],
               "device": config.device, "processes": config.processes, "fsdp": config.fsdp, "run": run,
-              "perlhf": {**perlhf, "total": sum(perlhf.values())},
-              "classic": {**classic, "total": sum(classic.values())}, "details": extra, "memory": limit,
+              "perlhf": perlhf, "classic": classic, "other_checkpointing": other, "details": extra, "memory": limit,
               "parameters": total_params, "adapter_parameters": shapes.lora}
     if limit:
         result["fits"] = {"perlhf": result["perlhf"]["total"] <= limit, "classic": result["classic"]["total"] <= limit}
@@ -415,8 +420,8 @@ def choose_checkpointing(config, task: str, device: torch.device, verbose: bool,
     backward, about a third more compute. Prints the expected peak."""
     chosen = config.gradient_checkpointing
     try:
-        planned = {checkpointing: for_run(config, task, device, checkpointing, **shape)["perlhf"]
-                   for checkpointing in (False, True)}
+        result = for_run(config, task, device, False, **shape)
+        planned = {False: result["perlhf"], True: result["other_checkpointing"]}
     except Exception as err:  # the plan only advises: a model it cannot probe still trains, as asked
         if verbose:
             print(f"perlhf: no memory plan for {config.model} ({type(err).__name__}: {err}); gradient "

@@ -190,3 +190,23 @@ def test_planning_leaves_the_seeded_generator_where_it_was(models):
     before = torch.get_rng_state()
     plan(PlanConfig(model=models["llama"], task="rm", device="cpu", batch_size=2, max_length=16))
     assert torch.equal(torch.get_rng_state(), before)
+
+
+@pytest.mark.parametrize("task", ["rm", "sft", "rl"])
+def test_a_plan_gives_the_other_checkpointing_setting_as_its_own_plan_would(models, task, monkeypatch):
+    """A trainer decides on checkpointing from one plan (one probe of a decoder layer, a full one for a big model):
+    the plan's `other_checkpointing` layout is the plan made with the other setting, part for part."""
+    import perlhf.plan as planning
+
+    shape = dict(model=models["llama"], task=task, device="cpu", batch_size=2)
+    for ckpt in (False, True):
+        assert plan(PlanConfig(gradient_checkpointing=ckpt, **shape))["other_checkpointing"] == \
+            plan(PlanConfig(gradient_checkpointing=not ckpt, **shape))["perlhf"]
+    probes = []
+    real_probe = planning.probe_layer
+    monkeypatch.setattr(planning, "probe_layer", lambda *a, **k: probes.append(1) or real_probe(*a, **k))
+    from perlhf.reward import RewardConfig
+
+    planning.choose_checkpointing(RewardConfig(model=models["llama"], data="unused"), "rm", torch.device("cpu"),
+                                  verbose=False, batch_size=2, max_length=16)
+    assert probes == [1]
