@@ -47,7 +47,8 @@ def child(name: str, root: Path, args) -> dict:
     baseline = _rss_mb()
     task, options = CONFIGS[name][0], dict(CONFIGS[name][1])
     if task == "rm":
-        config = RewardConfig(data=str(root / "pairs.jsonl"), output_dir=str(root / name.replace(" ", "_")),
+        config = RewardConfig(model=args.model, data=str(root / "pairs.jsonl"),
+                              output_dir=str(root / name.replace(" ", "_")),
                               max_steps=2, per_device_train_batch_size=args.batch, max_length=args.max_length,
                               eval_steps=0, save_steps=2, device="cpu", overwrite_output_dir=True,
                               share_prefix=False,  # the plan counts both sequences of a pair: an upper bound
@@ -59,7 +60,7 @@ def child(name: str, root: Path, args) -> dict:
     else:
         # the reward model trained on the same base, so that it is a role of the one backbone, as the plan assumes
         reward = "rm_lora,_4bit" if options.get("quantize") == "4bit" else "rm_lora"
-        config = RLConfig(reward_model=str(root / reward), prompts=str(root / "prompts.txt"),
+        config = RLConfig(model=args.model, reward_model=str(root / reward), prompts=str(root / "prompts.txt"),
                           output_dir=str(root / name.replace(" ", "_").replace(",", "")), max_steps=2,
                           batch_size=args.batch, max_new_tokens=48, max_prompt_length=args.prompt_length,
                           save_steps=2, device="cpu", overwrite_output_dir=True, **options)
@@ -91,6 +92,8 @@ def write_inputs(root: Path, args) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct",
+                        help="a model id or directory (benchmarks/random_model.py writes one of any config)")
     parser.add_argument("--batch", type=int, default=4, help="pairs (rm) or prompts (rl) per step")
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--prompt-length", type=int, default=192, help="rl prompt tokens (cut to this)")
@@ -113,7 +116,8 @@ def main() -> int:
     for name in order:
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         done = subprocess.run([sys.executable, __file__, "--child", name, "--root", str(root),
-                               "--batch", str(args.batch), "--max-length", str(args.max_length),
+                               "--model", args.model, "--batch", str(args.batch),
+                               "--max-length", str(args.max_length),
                                "--prompt-length", str(args.prompt_length)]
                               + (["--glibc-default"] if args.glibc_default else []),
                               capture_output=True, text=True, env=env)
@@ -129,7 +133,7 @@ def main() -> int:
     table += [f"| {r['name']} | {r['predicted_mb']:.0f} | {r['measured_mb']:.0f} | "
               f"{r['predicted_mb'] / r['measured_mb'] - 1:+.1%} |" for r in rows]
     policy = "glibc's default allocator policy" if args.glibc_default else "freed memory returned to the system"
-    text = (f"`{command}` (SmolLM2-135M-Instruct, CPU fp32, batch {args.batch}, rm max length {args.max_length}, "
+    text = (f"`{command}` ({args.model}, CPU fp32, batch {args.batch}, rm max length {args.max_length}, "
             f"rl prompts {args.prompt_length} + 48 new tokens; {policy})\n\n" + "\n".join(table) + "\n")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
