@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -91,8 +92,6 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
-        import sys
-
         Path(args.out).write_text(f"`python benchmarks/sampling_speed.py {' '.join(sys.argv[1:])}`\n{text}")
 
 

@@ -288,6 +288,13 @@ def _plan(config: PlanConfig) -> dict:
     weights = weight_bytes(shapes, config.quantize, element, config.processes if config.fsdp else 1, tied)
     total_params = shapes.quantizable + shapes.other
     ckpt = bool(run["gradient_checkpointing"])
+    loading_file_bytes = 0
+    if config.quantize and config.device == "cpu":
+        # bitsandbytes quantizes as the weights load from the mapped file, whose pages stay resident until the load
+        # ends (perlhf.models.own_unquantized_weights then lets the mapping go): a peak of its own, before training
+        stored = getattr(model_config.get_text_config(), "dtype", None) or getattr(model_config, "torch_dtype", None)
+        stored = getattr(torch, stored) if isinstance(stored, str) else stored
+        loading_file_bytes = total_params * torch.tensor([], dtype=stored or dtype).element_size()
 
     def layouts(ckpt: bool) -> tuple[dict, dict, dict]:
         """perlhf's parts, the classic layout's parts and the details, with checkpointing on or off."""
@@ -326,14 +333,9 @@ def _plan(config: PlanConfig) -> dict:
                        "reference and reward weights": 2 * total_params * element,
                        "rollout (max of generation's KV cache and the update's activations)": max(generation, update)}
             extra = {"generation KV cache": kv_cache, "update activations and logits": update}
-        if config.quantize and config.device == "cpu":
-            # bitsandbytes quantizes as the weights load from the mapped file, whose pages stay resident until the
-            # load ends (perlhf.models.own_unquantized_weights then lets the mapping go): a peak of its own
-            stored = getattr(model_config.get_text_config(), "dtype", None) or getattr(model_config, "torch_dtype", None)
-            stored = getattr(torch, stored) if isinstance(stored, str) else stored
-            file_bytes = total_params * torch.tensor([], dtype=stored or dtype).element_size()
+        if loading_file_bytes:
             perlhf["loading: the weights file, read while quantizing (beyond the run's own peak)"] = max(
-                0.0, weights + file_bytes - sum(perlhf.values()))
+                0.0, weights + loading_file_bytes - sum(perlhf.values()))
         if config.fsdp:  # the classic layout sharded too (ZeRO-3 / FSDP, as its tools run it): all but activations
             classic = {part: size / config.processes if "weights" in part else size for part, size in classic.items()}
         return ({**perlhf, "total": sum(perlhf.values())}, {**classic, "total": sum(classic.values())}, extra)
