@@ -52,6 +52,7 @@ RECIPES: dict[str, tuple[Path, dict]] = {
                                                   "learning_rate": 2e-4}),
     "taskmaster-balanced": (TASKMASTER, {"balance_classes": True}),
     "taskmaster-balanced-120-steps": (TASKMASTER, {"balance_classes": True, "max_steps": 120}),
+    "taskmaster-balanced-lr1e-4": (TASKMASTER, {"balance_classes": True, "learning_rate": 1e-4}),
 }
 T_95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 

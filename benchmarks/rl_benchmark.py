@@ -567,8 +567,10 @@ def render(report: dict) -> str:
              f"{s['steps']} iterations per run (iteration 1 = warm-up, not timed), LoRA r={s['lora_rank']} "
              f"alpha={s['lora_alpha']:g} on q,k,v,o, perlhf gradient checkpointing "
              f"{'on' if s.get('gradient_checkpointing', True) else 'off'} (and TRL's), {s['device']} {s['dtype']}, "
-             f"{len(rounds)} interleaved round(s); "
-             "each figure is the median over rounds of each run's median, each round's value in brackets.", "",
+             f"{len(rounds)} interleaved round(s); glibc mmap threshold: "
+             + (f"MALLOC_MMAP_THRESHOLD_={s['malloc_mmap_threshold']} in every child; "
+                if s.get("malloc_mmap_threshold") else "glibc's default, perlhf's RL fixing it at 4 MiB itself; ")
+             + "each figure is the median over rounds of each run's median, each round's value in brackets.", "",
              f"| configuration | trainable params | s / iteration | CPU-s / iteration | {unit} | RSS after imports | "
              "after setup | preemptions / major faults per iteration |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in summary.items():
@@ -668,6 +670,9 @@ def main() -> int:
     parser.add_argument("--no-gradient-checkpointing", action="store_true",
                         help="run perlhf and TRL without gradient checkpointing (both default to it; the full baseline "
                              "never uses it)")
+    parser.add_argument("--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
+                        help="set glibc's MALLOC_MMAP_THRESHOLD_ in every child, the baselines' too (perlhf's RL fixes "
+                             "it at 4 MiB on CPU by itself, see perlhf.models.return_freed_memory; this setting wins)")
     parser.add_argument("--only", nargs="+", choices=CONFIGS, default=list(CONFIGS))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "rl_benchmark.json"),
                         help="JSON report; the Markdown table goes next to it (.md)")
@@ -684,6 +689,8 @@ def main() -> int:
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="perlhf-rl-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     env = child_env(ROOT, args.threads)
+    if args.malloc_mmap_threshold:  # read by glibc at process start, so it must be in the environment
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
     load_before = os.getloadavg()
     started = time.perf_counter()
     log(f"work dir {work}")
@@ -696,7 +703,8 @@ def main() -> int:
             "lora_alpha": args.lora_alpha, "lr": args.lr, "full_lr": args.full_lr, "kl_coef": args.kl_coef,
             "seed": 0, "device": args.device, "dtype": "bfloat16" if cuda else "float32", "threads": args.threads,
             "reward_model": args.reward_model, "rm_steps": args.rm_steps, "rloo_k": args.rloo_k,
-            "gradient_checkpointing": not args.no_gradient_checkpointing}
+            "gradient_checkpointing": not args.no_gradient_checkpointing,
+            "malloc_mmap_threshold": args.malloc_mmap_threshold}
 
     rounds = []
     for index in range(args.rounds):

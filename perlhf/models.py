@@ -46,23 +46,35 @@ def one_compute_path(model: torch.nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def return_freed_memory() -> None:
-    """Fix glibc's mmap threshold at its default, 128 KiB, so that freed activations go back to the system.
+TIGHT_MMAP_THRESHOLD = 128 << 10  # glibc's own starting value
+RL_MMAP_THRESHOLD = 4 << 20
+
+
+def return_freed_memory(threshold: int = TIGHT_MMAP_THRESHOLD) -> None:
+    """Fix glibc's mmap threshold at `threshold` bytes, so that freed tensors at least that large go back to the
+    system.
 
     glibc raises the threshold after the first large free, up to 32 MiB. Every later tensor below it then comes
     from glibc's heap, which keeps what is freed, scattered between live blocks. Training allocates and frees each
     layer's activations at every step, so the resident size ends far above what is live.
     - Measured with the default model, `rm train` at batch 4 x 256 tokens with gradient checkpointing
-      (benchmarks/plan_check.py) peaked at 2.7 GiB over its baseline. With the threshold fixed it peaked at
-      790 MiB, close to what `perlhf plan` counts (823 MiB).
+      (benchmarks/plan_check.py) peaked at 2.7 GiB over its baseline. With the threshold fixed at 128 KiB it peaked
+      at 790 MiB, close to what `perlhf plan` counts (823 MiB).
     - The cost is time: every large tensor is mapped afresh and its pages faulted in. Measured here, a LoRA
-      forward and backward of 8 x 256 tokens took 1.4-1.7x as long, in 3.3 GB instead of 8 GB.
-    So the trainers do this only when a run would not fit otherwise (`plan.choose_checkpointing`). Not glibc
+      forward and backward of 8 x 256 tokens took 1.4-1.7x as long, in 3.3 GB instead of 8 GB. So the trainers
+      fix it at 128 KiB only when a run would not fit otherwise (`plan.choose_checkpointing`).
+    - RL on CPU fixes it at 4 MiB from the start (`RL_MMAP_THRESHOLD`): a 4-bit RL run of SmolLM2-360M's shape
+      peaked at 2192 MiB instead of 2563 at the same speed; 1 MiB and below cost 1.4x the time for 40 MiB less.
+      A reward model at 4 MiB peaked higher than with glibc's default (benchmarks/README.md, "glibc's heap"), so
+      `rm train` keeps the default.
+    MALLOC_MMAP_THRESHOLD_ in the environment is the user's choice, read by glibc at start: it is kept. Not glibc
     (musl, macOS): nothing to do."""
     import ctypes
 
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return
     try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 128 << 10)  # M_MMAP_THRESHOLD
+        ctypes.CDLL("libc.so.6").mallopt(-3, threshold)  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         pass
 

@@ -81,3 +81,49 @@ def test_openmp_threads_sleep_at_barriers_when_another_process_computes_at_start
         busy.wait()
     assert chosen == ["PASSIVE", "True"]
     assert kept == ["ACTIVE", "False"]
+
+
+MMAP_PROBE = """
+import ctypes, sys
+import torch
+from perlhf.models import return_freed_memory
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+big = torch.empty(20 << 20, dtype=torch.uint8)
+del big  # glibc now raises its dynamic mmap threshold to 20 MiB
+if sys.argv[1] != "default":
+    return_freed_memory(int(sys.argv[1]))
+mapped = libc.mallinfo2().hblkhd
+tensor = torch.empty(8 << 20, dtype=torch.uint8)
+print((libc.mallinfo2().hblkhd - mapped) >> 20)
+"""
+
+
+def test_a_fixed_mmap_threshold_maps_tensors_above_it_even_after_glibc_raised_its_own():
+    """An 8 MiB tensor after a 20 MiB one was freed: glibc's heap by default, its own mapping (given back when freed)
+    with the threshold fixed at 4 MiB or 128 KiB; MALLOC_MMAP_THRESHOLD_ set by the user is kept."""
+    import ctypes
+    import os
+    import subprocess
+    import sys
+
+    try:
+        ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        pytest.skip("needs glibc >= 2.33 (mallinfo2)")
+
+    def mapped_mib(threshold: str, **env) -> int:
+        out = subprocess.run([sys.executable, "-c", MMAP_PROBE, threshold], capture_output=True, text=True,
+                             env={k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"} | env)
+        assert out.returncode == 0, out.stderr
+        return int(out.stdout.split()[-1])
+
+    assert mapped_mib("default") == 0
+    assert mapped_mib(str(models.RL_MMAP_THRESHOLD)) == 8
+    assert mapped_mib(str(models.TIGHT_MMAP_THRESHOLD)) == 8
+    assert mapped_mib(str(models.RL_MMAP_THRESHOLD), MALLOC_MMAP_THRESHOLD_=str(32 << 20)) == 0

@@ -146,7 +146,7 @@ def test_rm_train_turns_checkpointing_on_only_when_the_run_would_not_fit(models,
     import perlhf.models
 
     returned = []  # recorded, not done: the fixed threshold would slow every later test in this process
-    monkeypatch.setattr(perlhf.models, "return_freed_memory", lambda: returned.append(1))
+    monkeypatch.setattr(perlhf.models, "return_freed_memory", lambda *threshold: returned.append(threshold))
     out = run("roomy")
     assert "gradient checkpointing on" not in out and "expected peak memory" in out
     assert "gradient_checkpointing: false" in (tmp_path / "roomy" / "training_config.yaml").read_text()
@@ -156,10 +156,10 @@ def test_rm_train_turns_checkpointing_on_only_when_the_run_would_not_fit(models,
     out = run("tight")
     assert "gradient checkpointing on: without it the run would need" in out
     assert "gradient_checkpointing: true" in (tmp_path / "tight" / "training_config.yaml").read_text()
-    assert returned == [1] and "memory is tight here: freed memory goes back to the system" in out
+    assert returned == [()] and "memory is tight here: freed memory goes back to the system" in out
     out = run("asked", gradient_checkpointing=False)  # an explicit choice is kept
     assert "gradient_checkpointing: false" in (tmp_path / "asked" / "training_config.yaml").read_text()
-    assert returned == [1, 1]  # memory is as tight as before
+    assert returned == [(), ()]  # memory is as tight as before
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

@@ -161,11 +161,14 @@ def test_reusing_the_sampling_pass_gives_the_same_update(algorithm, setup, tmp_p
 
 
 def test_rl_turns_checkpointing_on_only_when_the_run_would_not_fit(setup, tmp_path, monkeypatch, capsys):
-    """As `rm train`: by default the plan decides, and the run says what it expects to use."""
+    """As `rm train`: by default the plan decides, and the run says what it expects to use. On CPU, RL fixes glibc's
+    mmap threshold at 4 MiB from the start, and at 128 KiB when the run is tight."""
     import perlhf.models
     import perlhf.plan as planning
 
-    monkeypatch.setattr(perlhf.models, "return_freed_memory", lambda: None)  # the fixed threshold would slow later tests
+    thresholds = []  # recorded, not done: the fixed threshold would slow later tests in this process
+    monkeypatch.setattr(perlhf.models, "return_freed_memory",
+                        lambda threshold=perlhf.models.TIGHT_MMAP_THRESHOLD: thresholds.append(threshold))
 
     def run(name: str, **options) -> tuple[str, str]:
         train_policy(rl_config(setup, tmp_path / name, max_steps=1, **options))
@@ -174,9 +177,11 @@ def test_rl_turns_checkpointing_on_only_when_the_run_would_not_fit(setup, tmp_pa
     out, saved = run("roomy")
     assert "gradient checkpointing on" not in out and "expected peak memory" in out
     assert "gradient_checkpointing: false" in saved
+    assert thresholds == [4 << 20]
     monkeypatch.setattr(planning, "available_memory", lambda device: 0.001 * planning.GIB)
     out, saved = run("tight")
     assert "gradient checkpointing on: without it the run would need" in out
     assert "gradient_checkpointing: true" in saved
+    assert thresholds == [4 << 20, 4 << 20, 128 << 10]
     out, saved = run("asked", gradient_checkpointing=False)  # an explicit choice is kept
     assert "gradient_checkpointing: false" in saved

@@ -421,10 +421,12 @@ def train_policy(config: RLConfig) -> dict:
     from perlhf.data import load_prompts
     from perlhf.guards import NonFiniteGuard, StopRequest, prepare_run_dir, writing
     from perlhf.metrics import MetricsLogger, peak_memory_mb
-    from perlhf.models import load_model
+    from perlhf.models import RL_MMAP_THRESHOLD, load_model, return_freed_memory
     from perlhf.plan import choose_checkpointing
 
     accelerator = Accelerator(cpu=config.device == "cpu")
+    if torch.device(config.device or accelerator.device).type == "cpu":
+        return_freed_memory(RL_MMAP_THRESHOLD)  # from the start, the load included: measured for RL (its docstring)
     main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
     run_dir = Path(config.output_dir)
     resuming = prepare_run_dir(run_dir, overwrite=config.overwrite_output_dir) if main else False
